@@ -1,0 +1,95 @@
+"""Consolidate a DeepSpeed checkpoint of any ZeRO stage to fp32 and write safetensors that timm loads.
+
+Metadata (all strings, as safetensors requires): ``mimscale.method``, ``timm.model_name``, ``timm.kwargs``
+(JSON: everything needed to rebuild the encoder), ``step`` and the recipe ``config`` (JSON). With
+``encoder_only`` the keys are exactly timm's, so::
+
+    meta = safe_open(path, "pt").metadata()
+    model = timm.create_model(meta["timm.model_name"], num_classes=0, **json.loads(meta["timm.kwargs"]))
+    model.load_state_dict(safetensors.torch.load_file(path), strict=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimscale.train.checkpoint import resolve_checkpoint
+
+
+def consolidate(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the method (student, heads, teacher, buffers), on CPU, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(root) / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step on stdout
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=False)
+    else:  # ZeRO disabled: the module states file holds the full weights
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd = states["module"]
+    return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
+            for k, v in sd.items()}
+
+
+def read_meta(root: str | Path, tag: str) -> dict[str, Any]:
+    path = Path(root) / tag / "mimscale.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a mimscale checkpoint")
+    return json.loads(path.read_text())
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: bool = False) -> dict[str, str]:
+    """Write ``output`` (.safetensors) from a run dir / checkpoints dir / tag dir; returns the metadata."""
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"--output {str(output)!r}: expected a file name ending in .safetensors")
+    root, tag = resolve_checkpoint(checkpoint)
+    meta = read_meta(root, tag)
+    sd = consolidate(root, tag)
+    if encoder_only:
+        prefix = meta["encoder_prefix"]
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise RuntimeError(f"no encoder weights under {prefix!r} in {root / tag}")
+    metadata = {
+        "format": "pt",
+        "mimscale.method": meta["method"],
+        "mimscale.encoder_only": str(bool(encoder_only)).lower(),
+        "mimscale.encoder_prefix": "" if encoder_only else meta["encoder_prefix"],
+        "timm.model_name": meta["timm.model_name"],
+        "timm.kwargs": json.dumps(meta["timm.kwargs"], sort_keys=True),
+        "step": str(meta["step"]),
+        "config": json.dumps(meta["config"], sort_keys=True),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.{os.getpid()}")
+    save_file(sd, str(tmp), metadata=metadata)
+    os.replace(tmp, output)  # never leave a half-written file under the final name
+    return metadata
+
+
+def load_timm_encoder(path: str | Path) -> torch.nn.Module:
+    """Rebuild the exported encoder as a plain timm model (strict load), for fine-tuning or features."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model = timm.create_model(meta["timm.model_name"], pretrained=False, num_classes=0,
+                              **json.loads(meta["timm.kwargs"]))
+    sd = load_file(str(path))
+    prefix = meta.get("mimscale.encoder_prefix", "")
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    model.load_state_dict(sd, strict=True)
+    return model.eval()

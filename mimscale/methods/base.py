@@ -1,0 +1,130 @@
+"""The method interface every pretraining objective implements, and the registry behind ``create_method``.
+
+A method is an ``nn.Module`` that owns its encoder, heads, masker and (if any) EMA teacher, and maps a
+batch of normalised images to a :class:`MethodOutput`. The training loop knows nothing else about it,
+so adding a method never touches the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodOutput:
+    """What one forward pass of a method returns.
+
+    ``loss`` is the scalar to backprop; ``metrics`` are detached scalars for logging (e.g. ``loss_mae``);
+    ``pred``/``target`` are what the loss compares, per patch ``[B, L, ...]``; ``mask`` ``[B, L]`` bool
+    marks the positions the loss covers.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    pred: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``name``, build ``self.encoder`` (a :class:`MaskedEncoder`) and implement
+    ``forward``.
+
+    Hooks the training loop calls (all optional to override):
+
+    * ``views``: how many augmented views the data pipeline must deliver (1 = a plain tensor).
+    * ``after_optimizer_step(step, total_steps, engine)``: after each optimizer step, e.g. EMA updates.
+    * ``set_epoch_progress(step, steps_per_epoch)``: for schedules defined per epoch (temperatures).
+    * ``no_weight_decay()``: parameter names that must not be decayed, beyond biases and 1-D tensors.
+    * ``smoke_kwargs``: constructor overrides that shrink the method's own modules for ``--smoke`` runs.
+    """
+
+    name: ClassVar[str] = ""
+    default_model_name: ClassVar[str] = "vit_base_patch16_224"
+    smoke_kwargs: ClassVar[dict[str, Any]] = {}
+    views: ClassVar[int] = 1
+
+    encoder: nn.Module
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None) -> MethodOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, total_steps: int, engine: Any = None) -> None:
+        """Called once per optimizer step with the 1-based number of completed steps."""
+
+    def set_epoch_progress(self, step: int, steps_per_epoch: int) -> None:
+        """Called before each forward with the 0-based optimizer step, for per-epoch schedules."""
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """Per-rank state DeepSpeed does not save (e.g. EMA fp32 shadows); written beside each checkpoint."""
+        return {}
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`sharded_state_dict` returned on this rank."""
+
+    def export_spec(self) -> tuple[str, dict[str, Any], str]:
+        """(timm model name, timm kwargs, state-dict prefix of the encoder's timm module in this method)."""
+        return self.encoder.timm_name, dict(self.encoder.timm_kwargs), "encoder.backbone."
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` reachable as ``create_method(cls.name, ...)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    _import_all()
+    return sorted(_METHODS)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _import_all()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}: expected one of {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_kwarg_names(name: str) -> set[str]:
+    """The keyword arguments a method's constructor accepts itself (the rest go to the timm encoder)."""
+    cls = get_method_class(name)
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (Method, nn.Module, object):
+            break
+        sig = inspect.signature(klass.__init__)
+        names |= {p for p, v in sig.parameters.items() if p != "self" and v.kind is v.KEYWORD_ONLY or
+                  (p != "self" and v.kind is v.POSITIONAL_OR_KEYWORD)}
+    return names
+
+
+def create_method(name: str, **kwargs: Any) -> Method:
+    """Build a pretraining method by name, like ``timm.create_model``.
+
+    ``kwargs`` mixes the method's own arguments (``mask_ratio``, ``decoder_*``, ...) and the encoder's
+    timm arguments (``img_size``, ``patch_size``, ``embed_dim``, ...); ``model_name`` picks the timm
+    architecture. The paper's values are the defaults.
+    """
+    return get_method_class(name)(**kwargs)
+
+
+def _import_all() -> None:
+    # Importing the modules runs their @register_method decorators.
+    from mimscale.methods import _registry_modules  # noqa: F401
+
+
+MethodFactory = Callable[..., Method]

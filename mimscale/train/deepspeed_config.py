@@ -1,0 +1,99 @@
+"""Resolve ``--ds_config`` and write the recipe's batch, precision and optimizer into it.
+
+The ZeRO file says *how* to shard; the recipe says *what* to train. So batch sizes, accumulation,
+precision, clipping and the optimizer always come from the recipe (derived for the actual world size);
+a value for those in the user's file is replaced, with a warning when it differed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mimscale.train.config import BatchPlan, ConfigError, OptimConfig, TrainConfig
+
+SHIPPED = ("zero1.json", "zero2.json", "zero3.json", "zero3_offload.json")
+_RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler")
+
+
+def load_ds_config(spec: str) -> tuple[dict[str, Any], str]:
+    """A path is used as given; a bare shipped name resolves to the packaged file. Returns (dict, source)."""
+    path = Path(spec)
+    if path.is_file():
+        source = str(path)
+        text = path.read_text()
+    elif spec in SHIPPED or (spec + ".json") in SHIPPED:
+        name = spec if spec.endswith(".json") else spec + ".json"
+        source = f"mimscale/ds_configs/{name}"
+        text = resources.files("mimscale").joinpath("ds_configs", name).read_text()
+    else:
+        raise ConfigError(f"--ds_config {spec!r}: not a file, and not a shipped config; "
+                          f"allowed names: {list(SHIPPED)}, or a path to a DeepSpeed JSON file")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config {spec!r}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--ds_config {spec!r}: expected a JSON object")
+    return cfg, source
+
+
+def zero_stage(ds_cfg: dict[str, Any]) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
+    off = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    return off.get("device", "none") not in ("none", None)
+
+
+def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. fp16 on CPU is refused."""
+    if requested == "auto":
+        return ("bf16" if bf16_supported else "fp16") if on_gpu else "fp32"
+    if requested == "fp16" and not on_gpu:
+        raise ConfigError("precision='fp16' needs a GPU; allowed on CPU: 'fp32', 'bf16', 'auto'")
+    return requested
+
+
+def build_ds_config(user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float,
+                    on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config handed to ``deepspeed.initialize``."""
+    ds = copy.deepcopy(user_cfg)
+    ours: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "bf16": {"enabled": precision == "bf16"},
+        # DeepSpeed's dynamic loss scaling for fp16 (initial 2^16, as torch.amp's GradScaler).
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
+        "optimizer": optimizer_section(cfg.optim, lr, offload=offloads_optimizer(ds), on_gpu=on_gpu),
+    }
+    for key in _RECIPE_OWNED:
+        if key in ds and key in ours and ds[key] != ours[key]:
+            warnings.warn(f"DeepSpeed config sets {key}={ds[key]!r}; the recipe owns it and uses "
+                          f"{ours[key]!r}", stacklevel=2)
+        ds.pop(key, None)
+    ds.update(ours)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def optimizer_section(o: OptimConfig, lr: float, offload: bool, on_gpu: bool) -> dict[str, Any]:
+    """AdamW with decoupled weight decay. Per-group weight decay comes from the parameter groups.
+
+    Without optimizer offload this is torch's AdamW (fused kernel on GPU); with offload DeepSpeed's CPU Adam.
+    """
+    params: dict[str, Any] = {"lr": lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if not offload:  # with offload, type AdamW makes DeepSpeed pick its CPU Adam in AdamW mode
+        params["torch_adam"] = True
+        if on_gpu:
+            params["fused"] = True
+    return {"type": "AdamW", "params": params}

@@ -1,0 +1,245 @@
+"""The training loop: one batch flows shards -> uint8 loader -> device -> method -> DeepSpeed step.
+
+Components (config, DeepSpeed config, schedule, checkpointer, progress, preemption) live in their own
+modules; this file wires them in the order a reader follows one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimscale.train import config as C
+from mimscale.train.checkpoint import Checkpointer
+from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision, zero_stage
+from mimscale.train.distributed import barrier, init_distributed
+from mimscale.train.preemption import EXIT_RESUMABLE, PreemptionHandler
+from mimscale.train.progress import ProgressLogger
+from mimscale.train.schedule import build_multiplier
+
+SIGNAL_CHECK_EVERY = 5  # steps between collective checks for a preemption signal
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, extra_no_decay: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, 1-D tensors (norms) and names the method lists; frozen tensors
+    (fixed position tables are buffers; EMA teachers have requires_grad=False) never reach the optimizer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in extra_no_decay:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def demo_data_spec(img_size: int, num_images: int) -> str:
+    """The generated demo shards (built once per machine, shared by runs), sized for the crop."""
+    from mimscale.data.demo import ensure_demo_shards
+
+    image_size = max(64, int(math.ceil(img_size * 8 / 7 / 16)) * 16)
+    cache = Path(os.environ.get("MIMSCALE_CACHE", Path.home() / ".cache" / "mimscale"))
+    return ensure_demo_shards(cache / f"demo_{image_size}px_{num_images}", num_images=num_images,
+                              image_size=image_size)
+
+
+def build_transform_spec(cfg: C.TrainConfig, img_size: int) -> dict[str, Any] | list[dict[str, Any]]:
+    if cfg.data.views:
+        return cfg.data.views
+    return {"size": img_size, "scale": list(cfg.data.crop_scale), "ratio": list(cfg.data.crop_ratio),
+            "hflip": cfg.data.hflip}
+
+
+def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
+    """Run (or resume) the recipe; returns the process exit code (0 done, 75 checkpointed on a signal)."""
+    import deepspeed
+
+    from mimscale.data.pipeline import build_train_loader, normalize_on_device
+    from mimscale.data.transforms import build_transform
+    from mimscale.methods.base import create_method
+
+    user_ds, ds_source = load_ds_config(ds_config_spec)  # fail on a bad path before starting anything
+    rank, world, local_rank = init_distributed()
+    accel = deepspeed.get_accelerator()
+    on_gpu = accel.device_name() == "cuda"
+    if on_gpu:
+        accel.set_device(local_rank)
+    device = torch.device(accel.current_device_name() if on_gpu else "cpu")
+    out_dir = Path(cfg.output_dir or "runs/default")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    precision = resolve_precision(cfg.precision, on_gpu, on_gpu and accel.is_bf16_supported())
+    plan = C.plan_batch(cfg.global_batch, world, cfg.max_micro_batch)
+    spe, total = C.steps_per_epoch(cfg), C.total_steps(cfg)
+    stop_step = min(total, cfg.max_steps) if cfg.max_steps else total
+    peak = C.peak_lr(cfg.optim, cfg.global_batch)
+
+    seed_everything(cfg.seed + rank)
+    try:
+        method = create_method(cfg.method, **cfg.model)
+    except (TypeError, ValueError) as e:
+        raise C.ConfigError(f"model config {cfg.model}: {e}") from e
+    if cfg.grad_checkpointing:
+        method.set_grad_checkpointing(True)
+    img_size = method.encoder.grid[0] * method.encoder.patch_size
+    groups = param_groups(method, cfg.optim.weight_decay, method.no_weight_decay())
+    ds_cfg = build_ds_config(user_ds, cfg, plan, precision, peak, on_gpu)
+    multiplier = build_multiplier(cfg.optim, peak, C.warmup_start_lr(cfg.optim, cfg.global_batch), total, spe)
+
+    def lr_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+    engine, _, _, scheduler = deepspeed.initialize(model=method, model_parameters=groups, config=ds_cfg,
+                                                   lr_scheduler=lr_scheduler)
+    module = engine.module
+    if cfg.compile:
+        engine.compile()
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
+        else torch.float32
+
+    ckpt = Checkpointer(out_dir, rank, cfg.keep_checkpoints)
+    ckpt.clean_partial()
+    barrier()
+    start_step = ckpt.load(engine, module)
+    meta = {"method": cfg.method, "recipe": recipe_name, "timm.model_name": module.export_spec()[0],
+            "timm.kwargs": module.export_spec()[1], "encoder_prefix": module.export_spec()[2],
+            "zero_stage": zero_stage(ds_cfg), "world_size": world, "config": C.to_dict(cfg)}
+    if rank == 0:
+        (out_dir / "config.json").write_text(C.dumps(cfg))
+        (out_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+
+    urls = cfg.data.urls
+    if urls is None:
+        if rank == 0:
+            demo_data_spec(img_size, cfg.data.demo_images)
+        barrier()
+        urls = demo_data_spec(img_size, cfg.data.demo_images)
+    # Reseed the stream from the step: a resumed run draws new shards/crops instead of replaying.
+    loader = build_train_loader(urls, build_transform(build_transform_spec(cfg, img_size)), plan.micro_batch,
+                                seed=cfg.seed * 1_000_003 + start_step, rank=rank, world_size=world,
+                                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                pin_memory=on_gpu)
+    batches = iter(loader)
+
+    progress = ProgressLogger(out_dir, rank == 0, total, cfg.global_batch, start_step, stop_step)
+    progress.message(
+        f"{recipe_name}: method {cfg.method}, {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M params, "
+        f"world {world}, micro batch {plan.micro_batch} x accumulation {plan.accumulation} x {world} ranks = "
+        f"{plan.global_batch}, {precision}, ZeRO-{zero_stage(ds_cfg)} ({ds_source}), peak lr {peak:.3e}, "
+        f"{total} steps ({spe}/epoch), " + (f"resuming at step {start_step}" if start_step else "fresh start")
+        + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}")
+    preempt = PreemptionHandler()
+
+    step = start_step
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    skipped = 0
+    last_batch = None
+    exit_code = 0
+    progress.restart_clock(step)
+    try:
+        while step < stop_step:
+            module.set_epoch_progress(step, spe)
+            for _ in range(plan.accumulation):
+                batch = next(batches)
+                skipped += batch.skipped
+                images = normalize_on_device(batch.images, device, dtype)
+                out = engine(images)
+                engine.backward(out.loss)
+                engine.step()
+                # Sum on the device; read back only when logging (no host sync per step).
+                for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+                count += 1
+                last_batch = (images, out)
+            step += 1
+            module.after_optimizer_step(step, total, engine)
+            if step % cfg.log_interval == 0 or step == stop_step:
+                scalars = {k: (v / count).item() for k, v in sums.items()}
+                if not all(math.isfinite(v) for v in scalars.values()):
+                    progress.message(f"non-finite loss at step {step}: {scalars}")
+                scalars["lr"] = scheduler.get_last_lr()[0]
+                scalars["skipped_samples"] = float(skipped)
+                progress.log(step, scalars)
+                sums, count = {}, 0
+            if step % cfg.ckpt_interval == 0 and step < stop_step:
+                ckpt.save(engine, module, step, meta)
+                progress.restart_clock(step)
+            if step % SIGNAL_CHECK_EVERY == 0 and step < stop_step and preempt.should_stop(device):
+                progress.message(f"signal {preempt.received or 'on another rank'}: checkpointing step {step}")
+                ckpt.save(engine, module, step, meta)
+                progress.message(f"checkpoint written; exiting with {EXIT_RESUMABLE} to be resumed")
+                exit_code = EXIT_RESUMABLE
+                break
+        else:
+            if ckpt.latest() != f"step_{step:08d}":
+                ckpt.save(engine, module, step, meta)
+            progress.message(f"done: step {step}, checkpoint in {ckpt.root}")
+    finally:
+        preempt.restore()
+        progress.close()
+
+    if rank == 0 and last_batch is not None:
+        _write_pictures(module, last_batch, out_dir, progress)
+    barrier()
+    return exit_code
+
+
+def _write_pictures(module: Any, last_batch: tuple[Any, Any], out_dir: Path, progress: ProgressLogger) -> None:
+    from mimscale.train.visualize import plot_metrics, save_reconstruction_grid
+
+    images, out = last_batch
+    reconstruct = getattr(module, "reconstruct", None)
+    if reconstruct is not None and isinstance(images, torch.Tensor):
+        rows = reconstruct(images, out)
+        path = save_reconstruction_grid(rows, out_dir / "reconstructions.png")
+        print(f"[mimscale] reconstructions: {path}", flush=True)
+    if (out_dir / "metrics.jsonl").is_file():
+        path = plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        if path:
+            print(f"[mimscale] loss curve: {path}", flush=True)
+
+
+def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | None = None) -> None:
+    """Entry point of every recipe: parse the shared CLI, resolve the config, train, exit with its code."""
+    import __main__
+
+    name = recipe_name or Path(getattr(__main__, "__file__", "recipe")).stem
+    args = C.build_parser(prog=name).parse_args(argv)
+    try:
+        cfg = C.resolve_config(base, args, name)
+        if args.print_config:
+            print(C.dumps(cfg))
+            return
+        load_ds_config(args.ds_config)
+    except C.ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    t0 = time.time()
+    try:
+        code = train(cfg, args.ds_config, name)
+    except C.ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
+    sys.exit(code)

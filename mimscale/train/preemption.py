@@ -1,0 +1,39 @@
+"""Turn SIGUSR1 (SLURM's ``--signal=B:USR1@T`` warning, forwarded by the batch script) and SIGTERM
+(preemption, time limit) into a checkpoint at the next step boundary that every rank agrees on."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: checkpointed on a signal, relaunch the same command to resume
+
+
+class PreemptionHandler:
+    """Records a signal; :meth:`should_stop` reduces the flag across ranks so all stop at the same step."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        self.received: int | None = None
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        """Collective when distributed: every rank must call it at the same step."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
