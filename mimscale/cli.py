@@ -14,8 +14,11 @@ def _export(args: argparse.Namespace) -> int:
     from mimscale.export import export_checkpoint
 
     meta = export_checkpoint(args.checkpoint, args.output, encoder_only=args.encoder_only)
-    print(f"wrote {args.output}: method {meta['mimscale.method']}, step {meta['step']}, "
-          f"timm {meta['timm.model_name']} {meta['timm.kwargs']}" + (" (encoder only)" if args.encoder_only else ""))
+    print(
+        f"wrote {args.output}: method {meta['mimscale.method']}, step {meta['step']}, "
+        f"timm {meta['timm.model_name']} {meta['timm.kwargs']}"
+        + (" (encoder only)" if args.encoder_only else "")
+    )
     return 0
 
 
@@ -31,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mimscale", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    shards = sub.add_parser("make-shards", help="write WebDataset tar shards from an image folder or file list")
+    shards = sub.add_parser(
+        "make-shards", help="write WebDataset tar shards from an image folder or file list"
+    )
     add_make_shards_arguments(shards)
     shards.set_defaults(func=run_make_shards)
     exp = sub.add_parser("export", help="consolidate a checkpoint (any ZeRO stage) to fp32 safetensors")

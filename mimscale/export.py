@@ -34,8 +34,10 @@ def consolidate(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
     else:  # ZeRO disabled: the module states file holds the full weights
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         sd = states["module"]
-    return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
-            for k, v in sd.items()}
+    return {
+        k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
+        for k, v in sd.items()
+    }
 
 
 def read_meta(root: str | Path, tag: str) -> dict[str, Any]:
@@ -45,7 +47,9 @@ def read_meta(root: str | Path, tag: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: bool = False) -> dict[str, str]:
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, encoder_only: bool = False
+) -> dict[str, str]:
     """Write ``output`` (.safetensors) from a run dir / checkpoints dir / tag dir; returns the metadata."""
     from safetensors.torch import save_file
 
@@ -57,7 +61,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
     sd = consolidate(root, tag)
     if encoder_only:
         prefix = meta["encoder_prefix"]
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
             raise RuntimeError(f"no encoder weights under {prefix!r} in {root / tag}")
     metadata = {
@@ -85,11 +89,12 @@ def load_timm_encoder(path: str | Path) -> torch.nn.Module:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    model = timm.create_model(meta["timm.model_name"], pretrained=False, num_classes=0,
-                              **json.loads(meta["timm.kwargs"]))
+    model = timm.create_model(
+        meta["timm.model_name"], pretrained=False, num_classes=0, **json.loads(meta["timm.kwargs"])
+    )
     sd = load_file(str(path))
     prefix = meta.get("mimscale.encoder_prefix", "")
     if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     model.load_state_dict(sd, strict=True)
     return model.eval()

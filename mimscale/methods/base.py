@@ -52,7 +52,9 @@ class Method(nn.Module):
 
     encoder: nn.Module
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None) -> MethodOutput:
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> MethodOutput:
         raise NotImplementedError
 
     def after_optimizer_step(self, step: int, total_steps: int, engine: Any = None) -> None:
@@ -63,6 +65,11 @@ class Method(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def lr_frozen_params(self, steps_per_epoch: int) -> dict[str, int]:
+        """Parameter-name prefixes whose learning rate is held at 0 for the first N optimizer steps
+        (e.g. iBOT/DINO freeze the last head layer during the first epoch)."""
+        return {}
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """Per-rank state DeepSpeed does not save (e.g. EMA fp32 shadows); written beside each checkpoint."""
@@ -107,8 +114,11 @@ def method_kwarg_names(name: str) -> set[str]:
         if klass in (Method, nn.Module, object):
             break
         sig = inspect.signature(klass.__init__)
-        names |= {p for p, v in sig.parameters.items() if p != "self" and v.kind is v.KEYWORD_ONLY or
-                  (p != "self" and v.kind is v.POSITIONAL_OR_KEYWORD)}
+        names |= {
+            p
+            for p, v in sig.parameters.items()
+            if p != "self" and v.kind is v.KEYWORD_ONLY or (p != "self" and v.kind is v.POSITIONAL_OR_KEYWORD)
+        }
     return names
 
 

@@ -76,15 +76,31 @@ class MAE(Method):
     name = "mae"
     smoke_kwargs = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4}
 
-    def __init__(self, model_name: str = "vit_base_patch16_224", *, mask_ratio: float = 0.75,
-                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True, **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        *,
+        mask_ratio: float = 0.75,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.encoder = MaskedEncoder(model_name, fixed_pos_embed=True, **timm_kwargs)
         self.masker = RandomMasker(self.encoder.grid, mask_ratio)
-        self.decoder = MAEDecoder(self.encoder.grid, self.encoder.embed_dim, self.encoder.patch_size,
-                                  self.encoder.in_chans, decoder_embed_dim, decoder_depth, decoder_num_heads,
-                                  mlp_ratio=decoder_mlp_ratio)
+        self.decoder = MAEDecoder(
+            self.encoder.grid,
+            self.encoder.embed_dim,
+            self.encoder.patch_size,
+            self.encoder.in_chans,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            mlp_ratio=decoder_mlp_ratio,
+        )
         self.norm_pix_loss = norm_pix_loss
         self._init_weights()
 
@@ -103,20 +119,26 @@ class MAE(Method):
         t = patchify(images.float(), self.encoder.patch_size)
         return norm_pix_target(t) if self.norm_pix_loss else t
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None) -> MethodOutput:
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> MethodOutput:
         if isinstance(images, (list, tuple)):
             images = images[0]
         if mask is None:
             mask = self.masker(images.shape[0], device=images.device)
         if mask.shape != (images.shape[0], self.encoder.num_patches):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, num_patches) = "
-                             f"{(images.shape[0], self.encoder.num_patches)}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} != (batch, num_patches) = "
+                f"{(images.shape[0], self.encoder.num_patches)}"
+            )
         ids_keep, ids_restore = keep_indices(mask)
-        latent = self.encoder.forward_visible(images, ids_keep)
+        latent, _ = self.encoder(images, ids_keep=ids_keep)
         pred = self.decoder(latent, ids_restore)
         target = self.target(images)
         loss = masked_mse(pred, target, mask)
-        return MethodOutput(loss=loss, metrics={"loss_mae": loss.detach()}, pred=pred, target=target, mask=mask)
+        return MethodOutput(
+            loss=loss, metrics={"loss_mae": loss.detach()}, pred=pred, target=target, mask=mask
+        )
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, out: MethodOutput) -> dict[str, torch.Tensor]:

@@ -20,17 +20,29 @@ class MAEDecoder(nn.Module):
     Linear to ``p*p*C`` pixels per patch. The CLS output is dropped.
     """
 
-    def __init__(self, grid: tuple[int, int], embed_dim: int, patch_size: int, in_chans: int = 3,
-                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        embed_dim: int,
+        patch_size: int,
+        in_chans: int = 3,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         if decoder_embed_dim % decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim={decoder_embed_dim} is not divisible by "
-                             f"decoder_num_heads={decoder_num_heads}")
+            raise ValueError(
+                f"decoder_embed_dim={decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads={decoder_num_heads}"
+            )
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, grid, cls_token=True))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, grid, cls_token=True)
+        )
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
             for _ in range(decoder_depth)

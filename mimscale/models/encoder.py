@@ -38,8 +38,9 @@ class MaskedEncoder(nn.Module):
         timm_kwargs: forwarded to ``timm.create_model`` and recorded for export.
     """
 
-    def __init__(self, model_name: str = "vit_base_patch16_224", fixed_pos_embed: bool = False,
-                 **timm_kwargs: Any) -> None:
+    def __init__(
+        self, model_name: str = "vit_base_patch16_224", fixed_pos_embed: bool = False, **timm_kwargs: Any
+    ) -> None:
         super().__init__()
         timm_kwargs.pop("num_classes", None)
         self.timm_name = model_name
@@ -48,11 +49,15 @@ class MaskedEncoder(nn.Module):
         b = self.backbone
         self.is_beit = isinstance(b, Beit)
         if not (self.is_beit or isinstance(b, VisionTransformer)):
-            raise ValueError(f"model_name={model_name!r} builds {type(b).__name__}: mimscale needs a timm "
-                             "VisionTransformer or Beit")
+            raise ValueError(
+                f"model_name={model_name!r} builds {type(b).__name__}: mimscale needs a timm "
+                "VisionTransformer or Beit"
+            )
         if not self.is_beit and (getattr(b, "num_reg_tokens", 0) or b.no_embed_class or b.cls_token is None):
-            raise ValueError(f"model_name={model_name!r}: masked forwards need one CLS token, no register "
-                             "tokens and position embeddings on the CLS token (timm defaults)")
+            raise ValueError(
+                f"model_name={model_name!r}: masked forwards need one CLS token, no register "
+                "tokens and position embeddings on the CLS token (timm defaults)"
+            )
         if getattr(b.patch_embed, "dynamic_img_size", False):
             raise ValueError("dynamic_img_size=True is not supported for masked pretraining")
         self.fixed_pos_embed = fixed_pos_embed
@@ -63,6 +68,7 @@ class MaskedEncoder(nn.Module):
             del b.pos_embed  # the Parameter; the buffer keeps timm's key so exports load into timm
             b.register_buffer("pos_embed", table, persistent=True)
         self.grad_checkpointing = False
+        _register_direct_params(self, self.backbone)
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -108,8 +114,9 @@ class MaskedEncoder(nn.Module):
             cls = cls + pos[:, :1]
         return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def run_blocks(self, x: torch.Tensor, collect: list[int] | None = None
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_blocks(
+        self, x: torch.Tensor, collect: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Blocks then the final norm. ``collect`` lists block indices whose outputs (after the residual,
         before the final norm) are returned too, as data2vec's targets need."""
         b = self.backbone
@@ -133,6 +140,25 @@ class MaskedEncoder(nn.Module):
         return self.backbone.patch_embed(images)
 
     # ---- forwards -------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        ids_keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        collect: list[int] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The single entry methods call (``self.encoder(...)``), so ZeRO-3's module hooks gather the
+        backbone's own tensors (CLS token, position table) for every path.
+
+        ``ids_keep`` given: :meth:`forward_visible`; otherwise :meth:`forward_masked` (``mask=None`` for
+        the unmasked image). Returns (final-normed tokens with CLS first, collected block outputs).
+        """
+        if ids_keep is not None:
+            return self.forward_visible(images, ids_keep), []
+        return self.forward_masked(images, mask, mask_token, collect)
+
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """MAE encoder: tokens ``[B, 1 + K, D]`` (CLS first, final-normed) of the kept patches only.
 
@@ -140,8 +166,10 @@ class MaskedEncoder(nn.Module):
         prepended after, as in MAE's ``forward_encoder``. ``ids_keep`` is ``[B, K]`` patch indices.
         """
         if self.is_beit:
-            raise ValueError("forward_visible needs absolute position embeddings (a ViT backbone); "
-                             "BEiT-style backbones use forward_masked")
+            raise ValueError(
+                "forward_visible needs absolute position embeddings (a ViT backbone); "
+                "BEiT-style backbones use forward_masked"
+            )
         x = self.embed_patches(images)
         pos = self._pos_embed()
         if pos is not None:
@@ -150,8 +178,13 @@ class MaskedEncoder(nn.Module):
         x = self.backbone.pos_drop(self._prepend_cls(x))
         return self.run_blocks(x)[0]
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None, mask_token: torch.Tensor | None,
-                       collect: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_masked(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None,
+        mask_token: torch.Tensor | None,
+        collect: list[int] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Full-token encoder with mask tokens: ``([B, 1 + L, D] final-normed tokens, collected blocks)``.
 
         ``mask`` ``[B, L]`` bool (True = masked) or None for the unmasked image; ``mask_token`` ``[1, 1, D]``.
@@ -170,7 +203,15 @@ class MaskedEncoder(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """All tokens of the unmasked image, final-normed: equals timm's ``forward_features``."""
-        return self.forward_masked(images, None, None)[0]
+        return self(images)[0]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(images)
+
+def _register_direct_params(owner: nn.Module, backbone: nn.Module) -> None:
+    """Tell ZeRO-3 that ``owner``'s forward uses the backbone's direct parameters (CLS token, learnable
+    position table): the backbone's own ``forward`` never runs, so its hooks would not gather them."""
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:  # the model library works without DeepSpeed installed
+        return
+    for p in backbone.parameters(recurse=False):
+        register_external_parameter(owner, p)

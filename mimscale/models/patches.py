@@ -16,7 +16,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3
+) -> torch.Tensor:
     """[B, L, p*p*C] -> [B, C, H, W], the inverse of :func:`patchify`."""
     b = patches.shape[0]
     p = patch_size

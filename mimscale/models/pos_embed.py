@@ -24,7 +24,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid: tuple[int, int], cls_token: bool =
         raise ValueError(f"embed_dim={embed_dim}: a 2-D sin-cos table needs a multiple of 4")
     h, w = grid
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    emb = torch.cat([_sincos_1d(embed_dim // 2, xs.reshape(-1)), _sincos_1d(embed_dim // 2, ys.reshape(-1))], 1)
+    emb = torch.cat(
+        [_sincos_1d(embed_dim // 2, xs.reshape(-1)), _sincos_1d(embed_dim // 2, ys.reshape(-1))], 1
+    )
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float().unsqueeze(0)

@@ -63,8 +63,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
             return root, tag
     if p.is_dir() and (p / "mimscale.json").is_file():
         return p.parent, p.name
-    raise FileNotFoundError(f"--checkpoint {str(path)!r}: no checkpoint found (expected a run directory with "
-                            "checkpoints/latest, a checkpoints directory, or a step_* tag directory)")
+    raise FileNotFoundError(
+        f"--checkpoint {str(path)!r}: no checkpoint found (expected a run directory with "
+        "checkpoints/latest, a checkpoints directory, or a step_* tag directory)"
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,14 +127,17 @@ class Checkpointer:
         tag = self.latest()
         if tag is None:
             return 0
-        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        path, client = engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         extra_file = self.root / tag / f"extra_rank{self.rank:05d}.pt"
         if not extra_file.is_file():
-            raise RuntimeError(f"{extra_file} is missing: checkpoints resume only with the world size that "
-                               "wrote them (or export them with `mimscale export` and start fresh)")
+            raise RuntimeError(
+                f"{extra_file} is missing: checkpoints resume only with the world size that "
+                "wrote them (or export them with `mimscale export` and start fresh)"
+            )
         # RNG states and EMA shadows are tensors and plain containers we wrote ourselves.
         extra = torch.load(extra_file, map_location="cpu", weights_only=False)
         set_rng_state(extra["rng"])

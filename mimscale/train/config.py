@@ -56,6 +56,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (iBOT 0.04 -> 0.4)
     grad_clip: float | None = None
 
 
@@ -64,7 +65,9 @@ class TrainConfig:
     """Everything a run needs besides the DeepSpeed ZeRO config file."""
 
     method: str = "mae"
-    model: dict[str, Any] = field(default_factory=dict)  # create_method kwargs: model_name, timm and method args
+    model: dict[str, Any] = field(
+        default_factory=dict
+    )  # create_method kwargs: model_name, timm and method args
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     global_batch: int = 4096  # kept constant across world sizes through gradient accumulation
@@ -83,6 +86,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # --set KEY=VALUE
+
 
 class ConfigError(ValueError):
     """A bad key or value in the configuration, with a message naming both and what is allowed."""
@@ -198,12 +202,15 @@ def validate_model_kwargs(cfg: TrainConfig) -> None:
     from mimscale.methods.base import get_method_class, method_kwarg_names
 
     cls = get_method_class(cfg.method)
-    allowed = method_kwarg_names(cfg.method) | timm_kwarg_names(cfg.model.get("model_name",
-                                                                              _default_model_name(cls)))
+    allowed = method_kwarg_names(cfg.method) | timm_kwarg_names(
+        cfg.model.get("model_name", _default_model_name(cls))
+    )
     allowed.discard("timm_kwargs")
     for k in cfg.model:
         if k not in allowed:
-            raise ConfigError(f"unknown key 'model.{k}' for method {cfg.method!r}; allowed: {sorted(allowed)}")
+            raise ConfigError(
+                f"unknown key 'model.{k}' for method {cfg.method!r}; allowed: {sorted(allowed)}"
+            )
 
 
 def _default_model_name(cls: type) -> str:
@@ -218,8 +225,10 @@ def timm_kwarg_names(model_name: str) -> set[str]:
     from timm.models.vision_transformer import VisionTransformer
 
     if not timm.is_model(model_name):
-        raise ConfigError(f"model.model_name={model_name!r} is not a timm model name "
-                          "(e.g. vit_base_patch16_224, vit_large_patch16_224, beit_base_patch16_224)")
+        raise ConfigError(
+            f"model.model_name={model_name!r} is not a timm model name "
+            "(e.g. vit_base_patch16_224, vit_large_patch16_224, beit_base_patch16_224)"
+        )
     klass = Beit if model_name.startswith("beit") else VisionTransformer
     return {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
 
@@ -264,6 +273,7 @@ def apply_smoke(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------------
 # derived quantities
 
+
 @dataclass
 class BatchPlan:
     global_batch: int
@@ -273,15 +283,21 @@ class BatchPlan:
 
 
 def plan_batch(global_batch: int, world_size: int, max_micro_batch: int) -> BatchPlan:
-    """Split the recipe's global batch over ``world_size`` ranks: per-rank batch = global / world, micro batch =
-    its largest divisor <= ``max_micro_batch``, the rest by gradient accumulation (global batch constant)."""
+    """Split the recipe's global batch over ``world_size`` ranks.
+
+    Per-rank batch = global / world; micro batch = its largest divisor <= ``max_micro_batch``; the rest is
+    gradient accumulation, so the global batch is the same on 1 GPU or 512."""
     if global_batch < 1 or world_size < 1 or max_micro_batch < 1:
-        raise ConfigError(f"global_batch={global_batch}, world_size={world_size}, "
-                          f"max_micro_batch={max_micro_batch}: all must be >= 1")
+        raise ConfigError(
+            f"global_batch={global_batch}, world_size={world_size}, "
+            f"max_micro_batch={max_micro_batch}: all must be >= 1"
+        )
     if global_batch % world_size:
-        raise ConfigError(f"global_batch={global_batch} is not divisible by the world size {world_size}; "
-                          "choose a global batch that is a multiple of the number of GPUs "
-                          "(--set global_batch=N)")
+        raise ConfigError(
+            f"global_batch={global_batch} is not divisible by the world size {world_size}; "
+            "choose a global batch that is a multiple of the number of GPUs "
+            "(--set global_batch=N)"
+        )
     per_rank = global_batch // world_size
     micro = max(d for d in range(1, min(per_rank, max_micro_batch) + 1) if per_rank % d == 0)
     return BatchPlan(global_batch, world_size, micro, per_rank // micro)
@@ -321,7 +337,9 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved by :func:`to_dict` (checkpoints, exports)."""
     d = copy.deepcopy(d)
-    data = DataConfig(**{k: tuple(v) if k in ("crop_scale", "crop_ratio") else v for k, v in d.pop("data").items()})
+    data = DataConfig(
+        **{k: tuple(v) if k in ("crop_scale", "crop_ratio") else v for k, v in d.pop("data").items()}
+    )
     optim = OptimConfig(**{k: tuple(v) if k == "betas" else v for k, v in d.pop("optim").items()})
     return TrainConfig(data=data, optim=optim, **d)
 
@@ -329,19 +347,38 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------------
 # the command line every recipe shares
 
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="mimscale pretraining recipe (run under `deepspeed`, "
-                                "`torchrun`, `srun` or plain python for one process)")
-    p.add_argument("--ds_config", default="zero2.json",
-                   help="DeepSpeed config: a shipped name (zero1.json, zero2.json, zero3.json, "
-                        "zero3_offload.json) or a path (default: zero2.json)")
-    p.add_argument("--data", default=None, help="WebDataset shard URLs, brace expansion allowed "
-                   "(e.g. '/data/in1k/train-{000000..001023}.tar' or 'pipe:aws s3 cp ...'); omitted: demo data")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="mimscale pretraining recipe (run under `deepspeed`, "
+        "`torchrun`, `srun` or plain python for one process)",
+    )
+    p.add_argument(
+        "--ds_config",
+        default="zero2.json",
+        help="DeepSpeed config: a shipped name (zero1.json, zero2.json, zero3.json, "
+        "zero3_offload.json) or a path (default: zero2.json)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="WebDataset shard URLs, brace expansion allowed "
+        "(e.g. '/data/in1k/train-{000000..001023}.tar' or 'pipe:aws s3 cp ...'); omitted: demo data",
+    )
     p.add_argument("--output_dir", default=None, help="run directory; one holding a checkpoint is resumed")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--smoke", action="store_true", help="same method on a tiny ViT, 32x32 images, short schedule")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, dotted for nesting (e.g. optim.blr=1e-4, model.mask_ratio=0.8)")
+    p.add_argument(
+        "--smoke", action="store_true", help="same method on a tiny ViT, 32x32 images, short schedule"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, dotted for nesting (e.g. optim.blr=1e-4, model.mask_ratio=0.8)",
+    )
     p.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -383,14 +420,26 @@ def validate(cfg: TrainConfig) -> None:
         ("keep_checkpoints", cfg.keep_checkpoints, cfg.keep_checkpoints >= 1, ">= 1"),
         ("max_steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 or null"),
         ("optim.epochs", cfg.optim.epochs, cfg.optim.epochs > 0, "> 0"),
-        ("optim.warmup_epochs", cfg.optim.warmup_epochs, 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs,
-         "between 0 and optim.epochs"),
+        (
+            "optim.warmup_epochs",
+            cfg.optim.warmup_epochs,
+            0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs,
+            "between 0 and optim.epochs",
+        ),
         ("optim.blr", cfg.optim.blr, cfg.optim.blr > 0, "> 0"),
         ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
-        ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0,
-         "> 0 or null"),
-        ("data.crop_scale", cfg.data.crop_scale, 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
-         "0 < min <= max <= 1"),
+        (
+            "optim.grad_clip",
+            cfg.optim.grad_clip,
+            cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0,
+            "> 0 or null",
+        ),
+        (
+            "data.crop_scale",
+            cfg.data.crop_scale,
+            0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
+            "0 < min <= max <= 1",
+        ),
         ("data.hflip", cfg.data.hflip, 0 <= cfg.data.hflip <= 1, "a probability in [0, 1]"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
         ("data.epoch_size", cfg.data.epoch_size, cfg.data.epoch_size >= 1, ">= 1"),

@@ -17,8 +17,16 @@ from typing import Any
 from mimscale.train.config import BatchPlan, ConfigError, OptimConfig, TrainConfig
 
 SHIPPED = ("zero1.json", "zero2.json", "zero3.json", "zero3_offload.json")
-_RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler")
+_RECIPE_OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
 
 
 def load_ds_config(spec: str) -> tuple[dict[str, Any], str]:
@@ -32,8 +40,10 @@ def load_ds_config(spec: str) -> tuple[dict[str, Any], str]:
         source = f"mimscale/ds_configs/{name}"
         text = resources.files("mimscale").joinpath("ds_configs", name).read_text()
     else:
-        raise ConfigError(f"--ds_config {spec!r}: not a file, and not a shipped config; "
-                          f"allowed names: {list(SHIPPED)}, or a path to a DeepSpeed JSON file")
+        raise ConfigError(
+            f"--ds_config {spec!r}: not a file, and not a shipped config; "
+            f"allowed names: {list(SHIPPED)}, or a path to a DeepSpeed JSON file"
+        )
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
@@ -61,8 +71,9 @@ def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str
     return requested
 
 
-def build_ds_config(user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float,
-                    on_gpu: bool) -> dict[str, Any]:
+def build_ds_config(
+    user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float, on_gpu: bool
+) -> dict[str, Any]:
     """The DeepSpeed config handed to ``deepspeed.initialize``."""
     ds = copy.deepcopy(user_cfg)
     ours: dict[str, Any] = {
@@ -71,15 +82,23 @@ def build_ds_config(user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan,
         "gradient_accumulation_steps": plan.accumulation,
         "bf16": {"enabled": precision == "bf16"},
         # DeepSpeed's dynamic loss scaling for fp16 (initial 2^16, as torch.amp's GradScaler).
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
         "optimizer": optimizer_section(cfg.optim, lr, offload=offloads_optimizer(ds), on_gpu=on_gpu),
     }
     for key in _RECIPE_OWNED:
         if key in ds and key in ours and ds[key] != ours[key]:
-            warnings.warn(f"DeepSpeed config sets {key}={ds[key]!r}; the recipe owns it and uses "
-                          f"{ours[key]!r}", stacklevel=2)
+            warnings.warn(
+                f"DeepSpeed config sets {key}={ds[key]!r}; the recipe owns it and uses {ours[key]!r}",
+                stacklevel=2,
+            )
         ds.pop(key, None)
     ds.update(ours)
     ds.setdefault("steps_per_print", 10**9)

@@ -26,7 +26,9 @@ def map_slurm_env(env: dict[str, str] | None = None) -> None:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). Returns (rank, world, local)."""
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU).
+
+    Returns (rank, world size, local rank)."""
     import deepspeed
 
     map_slurm_env()

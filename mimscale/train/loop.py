@@ -29,19 +29,51 @@ from mimscale.train.schedule import build_multiplier
 SIGNAL_CHECK_EVERY = 5  # steps between collective checks for a preemption signal
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, extra_no_decay: set[str]) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    extra_no_decay: set[str],
+    frozen: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
     """AdamW groups: no decay on biases, 1-D tensors (norms) and names the method lists; frozen tensors
-    (fixed position tables are buffers; EMA teachers have requires_grad=False) never reach the optimizer."""
-    decay, no_decay = [], []
+    (fixed position tables are buffers; EMA teachers have requires_grad=False) never reach the optimizer.
+
+    Parameters under a prefix of ``frozen`` get their own groups, tagged ``frozen_steps``, whose lr the
+    schedule holds at 0 for that many steps. Each group carries ``decay`` so a weight-decay schedule knows
+    which groups to touch.
+    """
+    frozen = frozen or {}
+    buckets: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in extra_no_decay:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in extra_no_decay)
+        steps = max((n for prefix, n in frozen.items() if name.startswith(prefix)), default=0)
+        buckets.setdefault((decay, steps), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "frozen_steps": steps}
+        for (decay, steps), ps in sorted(buckets.items(), key=lambda kv: (kv[0][1], not kv[0][0]))
+    ]
+
+
+class FrozenFor:
+    """lr multiplier that is 0 for the first ``steps`` steps, then follows ``base`` (picklable)."""
+
+    def __init__(self, base: Any, steps: int) -> None:
+        self.base, self.steps = base, steps
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if step < self.steps else self.base(step)
+
+
+def weight_decay_at(o: C.OptimConfig, step: int, total: int) -> float:
+    """Constant ``weight_decay``, or a cosine from it to ``weight_decay_end`` over the run (iBOT/DINO)."""
+    if o.weight_decay_end is None:
+        return o.weight_decay
+    progress = min(1.0, step / max(1, total))
+    return o.weight_decay_end + 0.5 * (o.weight_decay - o.weight_decay_end) * (
+        1 + math.cos(math.pi * progress)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -56,15 +88,20 @@ def demo_data_spec(img_size: int, num_images: int) -> str:
 
     image_size = max(64, int(math.ceil(img_size * 8 / 7 / 16)) * 16)
     cache = Path(os.environ.get("MIMSCALE_CACHE", Path.home() / ".cache" / "mimscale"))
-    return ensure_demo_shards(cache / f"demo_{image_size}px_{num_images}", num_images=num_images,
-                              image_size=image_size)
+    return ensure_demo_shards(
+        cache / f"demo_{image_size}px_{num_images}", num_images=num_images, image_size=image_size
+    )
 
 
 def build_transform_spec(cfg: C.TrainConfig, img_size: int) -> dict[str, Any] | list[dict[str, Any]]:
     if cfg.data.views:
         return cfg.data.views
-    return {"size": img_size, "scale": list(cfg.data.crop_scale), "ratio": list(cfg.data.crop_ratio),
-            "hflip": cfg.data.hflip}
+    return {
+        "size": img_size,
+        "scale": list(cfg.data.crop_scale),
+        "ratio": list(cfg.data.crop_ratio),
+        "hflip": cfg.data.hflip,
+    }
 
 
 def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
@@ -100,28 +137,47 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     if cfg.grad_checkpointing:
         method.set_grad_checkpointing(True)
     img_size = method.encoder.grid[0] * method.encoder.patch_size
-    groups = param_groups(method, cfg.optim.weight_decay, method.no_weight_decay())
+    groups = param_groups(
+        method, weight_decay_at(cfg.optim, 0, 1), method.no_weight_decay(), method.lr_frozen_params(spe)
+    )
     ds_cfg = build_ds_config(user_ds, cfg, plan, precision, peak, on_gpu)
     multiplier = build_multiplier(cfg.optim, peak, C.warmup_start_lr(cfg.optim, cfg.global_batch), total, spe)
 
     def lr_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        lambdas = [
+            FrozenFor(multiplier, g.get("frozen_steps", 0)) if g.get("frozen_steps") else multiplier
+            for g in optimizer.param_groups
+        ]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
-    engine, _, _, scheduler = deepspeed.initialize(model=method, model_parameters=groups, config=ds_cfg,
-                                                   lr_scheduler=lr_scheduler)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=method, model_parameters=groups, config=ds_cfg, lr_scheduler=lr_scheduler
+    )
     module = engine.module
     if cfg.compile:
         engine.compile()
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
+    dtype = (
+        torch.bfloat16
+        if engine.bfloat16_enabled()
+        else torch.float16
+        if engine.fp16_enabled()
         else torch.float32
+    )
 
     ckpt = Checkpointer(out_dir, rank, cfg.keep_checkpoints)
     ckpt.clean_partial()
     barrier()
     start_step = ckpt.load(engine, module)
-    meta = {"method": cfg.method, "recipe": recipe_name, "timm.model_name": module.export_spec()[0],
-            "timm.kwargs": module.export_spec()[1], "encoder_prefix": module.export_spec()[2],
-            "zero_stage": zero_stage(ds_cfg), "world_size": world, "config": C.to_dict(cfg)}
+    meta = {
+        "method": cfg.method,
+        "recipe": recipe_name,
+        "timm.model_name": module.export_spec()[0],
+        "timm.kwargs": module.export_spec()[1],
+        "encoder_prefix": module.export_spec()[2],
+        "zero_stage": zero_stage(ds_cfg),
+        "world_size": world,
+        "config": C.to_dict(cfg),
+    }
     if rank == 0:
         (out_dir / "config.json").write_text(C.dumps(cfg))
         (out_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
@@ -133,19 +189,29 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         barrier()
         urls = demo_data_spec(img_size, cfg.data.demo_images)
     # Reseed the stream from the step: a resumed run draws new shards/crops instead of replaying.
-    loader = build_train_loader(urls, build_transform(build_transform_spec(cfg, img_size)), plan.micro_batch,
-                                seed=cfg.seed * 1_000_003 + start_step, rank=rank, world_size=world,
-                                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                pin_memory=on_gpu)
+    loader = build_train_loader(
+        urls,
+        build_transform(build_transform_spec(cfg, img_size)),
+        plan.micro_batch,
+        seed=cfg.seed * 1_000_003 + start_step,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        pin_memory=on_gpu,
+    )
     batches = iter(loader)
 
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
     progress = ProgressLogger(out_dir, rank == 0, total, cfg.global_batch, start_step, stop_step)
     progress.message(
-        f"{recipe_name}: method {cfg.method}, {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M params, "
+        f"{recipe_name}: method {cfg.method}, {n_params / 1e6:.1f}M params, "
         f"world {world}, micro batch {plan.micro_batch} x accumulation {plan.accumulation} x {world} ranks = "
         f"{plan.global_batch}, {precision}, ZeRO-{zero_stage(ds_cfg)} ({ds_source}), peak lr {peak:.3e}, "
-        f"{total} steps ({spe}/epoch), " + (f"resuming at step {start_step}" if start_step else "fresh start")
-        + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}")
+        f"{total} steps ({spe}/epoch), "
+        + (f"resuming at step {start_step}" if start_step else "fresh start")
+        + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}"
+    )
     preempt = PreemptionHandler()
 
     step = start_step
@@ -158,6 +224,11 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     try:
         while step < stop_step:
             module.set_epoch_progress(step, spe)
+            if cfg.optim.weight_decay_end is not None:
+                wd = weight_decay_at(cfg.optim, step, total)
+                for g in scheduler.optimizer.param_groups:
+                    if g.get("decay", True):
+                        g["weight_decay"] = wd
             for _ in range(plan.accumulation):
                 batch = next(batches)
                 skipped += batch.skipped
@@ -177,7 +248,9 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
                 scalars = {k: (v / count).item() for k, v in sums.items()}
                 if not all(math.isfinite(v) for v in scalars.values()):
                     progress.message(f"non-finite loss at step {step}: {scalars}")
-                scalars["lr"] = scheduler.get_last_lr()[0]
+                scalars["lr"] = max(scheduler.get_last_lr())
+                if cfg.optim.weight_decay_end is not None:
+                    scalars["weight_decay"] = weight_decay_at(cfg.optim, step, total)
                 scalars["skipped_samples"] = float(skipped)
                 progress.log(step, scalars)
                 sums, count = {}, 0
@@ -204,7 +277,9 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     return exit_code
 
 
-def _write_pictures(module: Any, last_batch: tuple[Any, Any], out_dir: Path, progress: ProgressLogger) -> None:
+def _write_pictures(
+    module: Any, last_batch: tuple[Any, Any], out_dir: Path, progress: ProgressLogger
+) -> None:
     from mimscale.train.visualize import plot_metrics, save_reconstruction_grid
 
     images, out = last_batch

@@ -21,8 +21,15 @@ def format_eta(seconds: float) -> str:
 class ProgressLogger:
     """Rank 0 only (other ranks get a no-op instance). Throughput is measured between log calls."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, global_batch: int,
-                 start_step: int, stop_step: int) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        total_steps: int,
+        global_batch: int,
+        start_step: int,
+        stop_step: int,
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.stop_step = stop_step
@@ -40,7 +47,9 @@ class ProgressLogger:
 
                 self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is in requirements.txt; keep training if a site lacks it
-                print("[mimscale] tensorboard not installed: scalars go to metrics.jsonl only", file=sys.stderr)
+                print(
+                    "[mimscale] tensorboard not installed: scalars go to metrics.jsonl only", file=sys.stderr
+                )
 
     def restart_clock(self, step: int) -> None:
         """Exclude start-up and checkpoint time from the throughput of the next interval."""
@@ -57,9 +66,12 @@ class ProgressLogger:
         record = {"step": step, **scalars, "images_per_s": img_s, "eta_s": eta, "time": time.time()}
         if self.enabled:
             extras = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("loss", "lr"))
-            print(f"[mimscale] step {step}/{self.stop_step}  loss {scalars.get('loss', float('nan')):.4f}  "
-                  f"lr {scalars.get('lr', 0.0):.3e}  {img_s:.1f} img/s  ETA {format_eta(eta)}"
-                  + (f"  {extras}" if extras else ""), flush=True)
+            print(
+                f"[mimscale] step {step}/{self.stop_step}  loss {scalars.get('loss', float('nan')):.4f}  "
+                f"lr {scalars.get('lr', 0.0):.3e}  {img_s:.1f} img/s  ETA {format_eta(eta)}"
+                + (f"  {extras}" if extras else ""),
+                flush=True,
+            )
             assert self._jsonl is not None
             self._jsonl.write(json.dumps(record) + "\n")
             if self._tb is not None:

@@ -12,9 +12,17 @@ class LRMultiplier:
     to ``min_lr`` or SimMIM's step decay (``gamma`` at each milestone). Picklable so DeepSpeed can save the
     scheduler with the checkpoint."""
 
-    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, start_lr: float = 0.0,
-                 min_lr: float = 0.0, schedule: str = "cosine", milestones: tuple[int, ...] = (),
-                 gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        peak_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        start_lr: float = 0.0,
+        min_lr: float = 0.0,
+        schedule: str = "cosine",
+        milestones: tuple[int, ...] = (),
+        gamma: float = 0.1,
+    ) -> None:
         self.peak_lr, self.total_steps, self.warmup_steps = peak_lr, total_steps, warmup_steps
         self.start_lr, self.min_lr, self.schedule = start_lr, min_lr, schedule
         self.milestones, self.gamma = tuple(milestones), gamma
@@ -32,10 +40,16 @@ class LRMultiplier:
         return self.lr(step) / self.peak_lr if self.peak_lr > 0 else 0.0
 
 
-def build_multiplier(o: OptimConfig, peak: float, start: float, total_steps: int, steps_per_epoch: int
-                     ) -> LRMultiplier:
+def build_multiplier(
+    o: OptimConfig, peak: float, start: float, total_steps: int, steps_per_epoch: int
+) -> LRMultiplier:
     return LRMultiplier(
-        peak_lr=peak, total_steps=total_steps, warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
-        start_lr=start, min_lr=o.min_lr, schedule=o.schedule,
-        milestones=tuple(int(round(m * steps_per_epoch)) for m in o.milestones), gamma=o.gamma,
+        peak_lr=peak,
+        total_steps=total_steps,
+        warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
+        start_lr=start,
+        min_lr=o.min_lr,
+        schedule=o.schedule,
+        milestones=tuple(int(round(m * steps_per_epoch)) for m in o.milestones),
+        gamma=o.gamma,
     )

@@ -18,8 +18,9 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_reconstruction_grid(rows: dict[str, torch.Tensor], path: str | Path, max_images: int = 8,
-                             scale: int = 4) -> Path:
+def save_reconstruction_grid(
+    rows: dict[str, torch.Tensor], path: str | Path, max_images: int = 8, scale: int = 4
+) -> Path:
     """One row per entry (``original``, ``masked``, ``reconstruction``), one column per image."""
     from PIL import Image, ImageDraw
 

@@ -1,0 +1,526 @@
+"""uint8 image augmentations that run in the data workers and never build float tensors.
+
+Every per-sample transform here takes the *encoded* image bytes and a ``numpy.random.Generator``
+and returns a contiguous ``uint8`` array in CHW layout (or a tuple of such arrays for multi-view
+methods). Normalisation to float happens once per batch on the training device
+(:func:`mimscale.data.pipeline.normalize_on_device`), which keeps worker CPU and host-to-device
+traffic at one byte per pixel.
+
+The crop, :class:`RandomResizedCropFlip`, reproduces torchvision's ``RandomResizedCrop`` sampling
+exactly but samples the crop box *before* decoding: for JPEG input it reads only the header, picks
+the box, and asks libjpeg (through simplejpeg) for the smallest DCT-scaled decode (1/8 .. 8/8) in
+which the box still covers the output size. Decoding is most of the per-sample cost: a large crop
+of a 1024x768 photo resized to 224 is decoded at 3/8 scale (7x fewer pixels), about 3x faster than
+torchvision's decode-then-crop on one core; small ImageNet images whose crops are near the output
+size still decode at full scale. Crop and resize happen in one antialiased PIL bicubic
+``resize(..., box=...)``, like torchvision's PIL path.
+
+Colour operations (:class:`ColorJitter`, :class:`Grayscale`, :class:`Solarize`,
+:class:`GaussianBlur`, :class:`RandomChoice`) act on the RGB PIL image between the crop and the
+final array conversion; :class:`View` chains a crop with such operations, :class:`Views` runs
+several views on the same bytes (iBOT's global and local crops, LUT's second augmented view).
+
+Configuration schema for :func:`build_transform`
+------------------------------------------------
+A method declares its input pipeline as plain data: one *view dict*, or a list of view dicts
+(then the transform returns a tuple, one array per view, in list order). A view dict has these
+keys, all optional::
+
+    size:         int or [height, width]            output size (default 224)
+    scale:        [lo, hi]                          crop area fraction range (default [0.2, 1.0])
+    ratio:        [lo, hi]                          crop aspect (w/h) range (default [0.75, 1.3333])
+    hflip:        float                             horizontal flip probability (default 0.5)
+    dct_margin:   float >= 1                        JPEG reduced-decode margin (default 1.0, see
+                                                    RandomResizedCropFlip)
+    color_jitter: true | false | null | dict        dict keys: brightness, contrast, saturation,
+                                                    hue, p (defaults 0.4, 0.4, 0.2, 0.1, 0.8);
+                                                    true means the defaults
+    grayscale:    float | dict                      probability, or {"p": ...}
+    blur:         float | dict                      probability, or {"p": ..., "sigma": [lo, hi]}
+                                                    (sigma default [0.1, 2.0])
+    solarize:     float | dict                      probability, or {"p": ..., "threshold": 128}
+    one_of:       list | dict                       a list of single-operation dicts (each holding
+                                                    one of color_jitter, grayscale, blur, solarize),
+                                                    one of which is drawn uniformly per sample; or
+                                                    {"choices": [...], "p": float} to apply the
+                                                    draw only with probability p
+    repeat:       int                               in a list only: this view appears N times
+                                                    (e.g. iBOT's local crops); 0 removes it
+
+Colour operations run in this fixed order after the crop and flip: color_jitter, grayscale, blur,
+solarize, one_of. Unknown keys raise ``ValueError`` naming the key and the allowed ones, so a typo
+in a recipe fails at start-up instead of silently training without an augmentation.
+
+Examples::
+
+    build_transform({"size": 224, "scale": [0.2, 1.0]})                      # MAE
+    build_transform([{"size": 224, "scale": [0.25, 1.0], "repeat": 2},
+                     {"size": 96, "scale": [0.05, 0.25], "repeat": 10}])      # iBOT (crops only)
+    build_transform([{"size": 224},
+                     {"size": 224, "color_jitter": True,
+                      "one_of": [{"grayscale": 1.0}, {"solarize": 1.0}, {"blur": 1.0}]}])  # LUT
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+__all__ = [
+    "RandomResizedCropFlip",
+    "ColorJitter",
+    "Grayscale",
+    "Solarize",
+    "GaussianBlur",
+    "RandomChoice",
+    "View",
+    "Views",
+    "build_transform",
+    "crop_params",
+    "to_chw",
+]
+
+_JPEG_MAGIC = b"\xff\xd8"
+# Header colour spaces libjpeg-turbo converts to RGB correctly by itself; CMYK/YCCK (Adobe) JPEGs
+# are stored inverted and go through PIL, which knows about the Adobe marker.
+_FAST_COLORSPACES = {"YCbCr", "Gray", "RGB"}
+
+PixelOp = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+
+def _pair(value: Any, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair [lo, hi], got {value!r}") from None
+    if lo > hi:
+        raise ValueError(f"{name} must satisfy lo <= hi, got {value!r}")
+    return lo, hi
+
+
+def _size(value: Any) -> tuple[int, int]:
+    """Normalise ``size`` to (height, width)."""
+    if isinstance(value, int | np.integer):
+        h = w = int(value)
+    else:
+        try:
+            h, w = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"size must be an int or [height, width], got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return h, w
+
+
+def _prob(value: Any, name: str) -> float:
+    p = float(value)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} probability must be in [0, 1], got {value!r}")
+    return p
+
+
+def crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """Sample a crop box ``(top, left, h, w)`` with torchvision's RandomResizedCrop semantics.
+
+    Ten tries of area ~ U(scale) * area and log-aspect ~ U(log ratio); the first box that fits
+    wins, with its top-left corner uniform over valid positions. If none fits, the whole image
+    is used, centre-cropped to the nearest allowed aspect ratio. Kept as a free function so the
+    sampling can be tested against ``torchvision.transforms.RandomResizedCrop.get_params``.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> contiguous uint8 array [3, H, W] (one copy, no float)."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _dct_scale(full: int, reduced: int) -> float:
+    """Exact libjpeg scale M/8 that turned ``full`` pixels into ``reduced`` (ceil rounding)."""
+    for m in range(1, 17):
+        if -(-full * m // 8) == reduced:
+            return m / 8
+    return reduced / full
+
+
+class RandomResizedCropFlip:
+    """RandomResizedCrop (torchvision semantics, bicubic) plus horizontal flip, on encoded bytes.
+
+    ``__call__(data, rng)`` returns a contiguous uint8 array [3, H, W]; :meth:`crop_image` returns
+    the RGB PIL image so that :class:`View` can chain colour operations before the conversion.
+
+    ``dct_margin``: the JPEG is decoded at the smallest libjpeg scale (M/8) at which the crop box
+    still spans ``dct_margin`` x the output size. 1.0 is fastest; at 1/8 scale libjpeg keeps only
+    each block's mean (a box filter), which differs from a full-resolution antialiased bicubic
+    resize by a few grey levels at sharp edges. 2.0 (the margin Pillow's ``thumbnail`` uses) makes
+    the result practically identical to a full decode at some of the speed.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int] = 224,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        dct_margin: float = 1.0,
+    ) -> None:
+        self.size = _size(size)
+        self.scale = _pair(scale, "scale")
+        self.ratio = _pair(ratio, "ratio")
+        if not 0.0 < self.scale[1] <= 1.0 or self.scale[0] < 0.0:
+            raise ValueError(f"scale must lie in [0, 1] with hi > 0, got {tuple(scale)!r}")
+        if self.ratio[0] <= 0.0:
+            raise ValueError(f"ratio must be positive, got {tuple(ratio)!r}")
+        self.hflip = _prob(hflip, "hflip")
+        if dct_margin < 1.0:
+            raise ValueError(f"dct_margin must be >= 1.0, got {dct_margin!r}")
+        self.dct_margin = float(dct_margin)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip={self.hflip}, dct_margin={self.dct_margin})"
+        )
+
+    def crop_image(self, data: bytes, rng: np.random.Generator) -> Image.Image:
+        """Decode, crop, resize and maybe flip; returns an RGB PIL image of ``size``."""
+        img = None
+        if data[:2] == _JPEG_MAGIC:
+            try:
+                img = self._crop_jpeg(data, rng)
+            except ValueError:
+                # libjpeg-turbo in strict mode refuses anything it had to warn about (stray bytes,
+                # unsupported variants); PIL decides those, exactly as a torchvision pipeline would.
+                img = None
+        if img is None:
+            img = self._crop_pil(data, rng)
+        return self._flip(img, rng)
+
+    def _crop_jpeg(self, data: bytes, rng: np.random.Generator) -> Image.Image | None:
+        """Fast path: header -> crop box -> DCT-scaled decode -> one resize. None: use PIL."""
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _FAST_COLORSPACES:
+            return None
+        out_h, out_w = self.size
+        top, left, h, w = crop_params(height, width, self.scale, self.ratio, rng)
+        # Smallest DCT scale whose reduced image still gives the crop >= margin x output.
+        min_h = math.ceil(self.dct_margin * out_h * height / h)
+        min_w = math.ceil(self.dct_margin * out_w * width / w)
+        if min_h < height and min_w < width:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
+        else:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        rh, rw = arr.shape[:2]
+        sy, sx = _dct_scale(height, rh), _dct_scale(width, rw)
+        box = (left * sx, top * sy, min((left + w) * sx, rw), min((top + h) * sy, rh))
+        return Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+
+    def _crop_pil(self, data: bytes, rng: np.random.Generator) -> Image.Image:
+        """Any format PIL reads (PNG, WebP, CMYK JPEG, ...): full decode, then the same crop."""
+        out_h, out_w = self.size
+        with Image.open(io.BytesIO(data)) as src:
+            img = src.convert("RGB")
+        top, left, h, w = crop_params(img.height, img.width, self.scale, self.ratio, rng)
+        return img.resize((out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+
+    def _flip(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if self.hflip > 0.0 and rng.random() < self.hflip:
+            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        return to_chw(self.crop_image(data, rng))
+
+
+def _shift_hue(img: Image.Image, hue: float) -> Image.Image:
+    """Rotate the hue channel by ``hue`` turns (in [-0.5, 0.5]) with uint8 wrap-around, as torchvision."""
+    shift = int(round(hue * 255)) % 256
+    if shift == 0:
+        return img
+    h, s, v = img.convert("HSV").split()
+    h = h.point([(i + shift) % 256 for i in range(256)])
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+class ColorJitter:
+    """torchvision-style ColorJitter on uint8 RGB, applied with probability ``p``.
+
+    Factors: brightness/contrast/saturation ~ U(max(0, 1-x), 1+x), hue ~ U(-hue, hue); the four
+    adjustments run in a random order, as in torchvision (and BYOL/iBOT/LUT recipes built on it).
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        p: float = 0.8,
+    ) -> None:
+        for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.p = _prob(p, "color_jitter")
+
+    def __repr__(self) -> str:
+        return (
+            f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, "
+            f"saturation={self.saturation}, hue={self.hue}, p={self.p})"
+        )
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if rng.random() >= self.p:
+            return img
+        order = rng.permutation(4)
+        b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else None
+        c = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast else None
+        s = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation) if self.saturation else None
+        h = rng.uniform(-self.hue, self.hue) if self.hue else None
+        for i in order:
+            if i == 0 and b is not None:
+                img = ImageEnhance.Brightness(img).enhance(b)
+            elif i == 1 and c is not None:
+                img = ImageEnhance.Contrast(img).enhance(c)
+            elif i == 2 and s is not None:
+                img = ImageEnhance.Color(img).enhance(s)
+            elif i == 3 and h is not None:
+                img = _shift_hue(img, h)
+        return img
+
+
+class Grayscale:
+    """With probability ``p``, replace the image by its luma, kept as 3 channels."""
+
+    def __init__(self, p: float = 0.2) -> None:
+        self.p = _prob(p, "grayscale")
+
+    def __repr__(self) -> str:
+        return f"Grayscale(p={self.p})"
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if rng.random() < self.p:
+            return img.convert("L").convert("RGB")
+        return img
+
+
+class Solarize:
+    """With probability ``p``, invert every pixel value >= ``threshold`` (torchvision/PIL semantics)."""
+
+    def __init__(self, threshold: int = 128, p: float = 0.2) -> None:
+        if not 0 <= threshold <= 256:
+            raise ValueError(f"solarize threshold must be in [0, 256], got {threshold!r}")
+        self.threshold = int(threshold)
+        self.p = _prob(p, "solarize")
+
+    def __repr__(self) -> str:
+        return f"Solarize(threshold={self.threshold}, p={self.p})"
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if rng.random() < self.p:
+            return ImageOps.solarize(img, self.threshold)
+        return img
+
+
+class GaussianBlur:
+    """With probability ``p``, PIL Gaussian blur with radius ~ U(sigma), as in BYOL/DINO/iBOT."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0), p: float = 0.5) -> None:
+        self.sigma = _pair(sigma, "blur sigma")
+        if self.sigma[0] < 0:
+            raise ValueError(f"blur sigma must be >= 0, got {tuple(sigma)!r}")
+        self.p = _prob(p, "blur")
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma}, p={self.p})"
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if rng.random() < self.p:
+            return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.sigma)))
+        return img
+
+
+class RandomChoice:
+    """With probability ``p``, apply one of ``ops`` drawn uniformly (e.g. LUT's grayscale/solarize/blur)."""
+
+    def __init__(self, ops: Sequence[PixelOp], p: float = 1.0) -> None:
+        if len(ops) == 0:
+            raise ValueError("RandomChoice needs at least one operation")
+        self.ops = list(ops)
+        self.p = _prob(p, "one_of")
+
+    def __repr__(self) -> str:
+        return f"RandomChoice({self.ops!r}, p={self.p})"
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if rng.random() >= self.p:
+            return img
+        return self.ops[int(rng.integers(len(self.ops)))](img, rng)
+
+
+class View:
+    """One augmented view: a crop+flip followed by colour operations, returned as uint8 CHW."""
+
+    def __init__(self, crop: RandomResizedCropFlip, ops: Sequence[PixelOp] = ()) -> None:
+        self.crop = crop
+        self.ops = list(ops)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.crop.size
+
+    def __repr__(self) -> str:
+        return f"View({self.crop!r}, ops={self.ops!r})"
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        img = self.crop.crop_image(data, rng)
+        for op in self.ops:
+            img = op(img, rng)
+        return to_chw(img)
+
+
+class Views:
+    """Several views of the same encoded image; returns a tuple of uint8 CHW arrays in order.
+
+    Views may have different sizes (iBOT: 2 x 224 global + N x 96 local); the loader stacks each
+    view position separately, so a batch carries one tensor per view.
+    """
+
+    def __init__(self, views: Sequence[Callable[[bytes, np.random.Generator], np.ndarray]]) -> None:
+        if len(views) == 0:
+            raise ValueError("Views needs at least one view")
+        self.views = list(views)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __repr__(self) -> str:
+        return f"Views({self.views!r})"
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        return tuple(view(data, rng) for view in self.views)
+
+
+_CROP_KEYS = ("size", "scale", "ratio", "hflip", "dct_margin")
+_OP_KEYS = ("color_jitter", "grayscale", "blur", "solarize", "one_of")
+_VIEW_KEYS = _CROP_KEYS + _OP_KEYS
+_JITTER_KEYS = ("brightness", "contrast", "saturation", "hue", "p")
+
+
+def _check_keys(cfg: dict, allowed: Sequence[str], where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must be a dict, got {type(cfg).__name__}: {cfg!r}")
+    for key in cfg:
+        if key not in allowed:
+            raise ValueError(f"unknown key {key!r} in {where}; allowed keys: {', '.join(allowed)}")
+
+
+def _prob_or_dict(value: Any, name: str, extra: Sequence[str]) -> dict:
+    """``0.2`` -> {"p": 0.2}; dicts are checked against ``p`` plus ``extra``."""
+    if isinstance(value, dict):
+        _check_keys(value, ("p", *extra), f"{name!r} options")
+        return dict(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a probability or a dict, got {value!r}")
+    return {"p": float(value)}
+
+
+def _build_op(name: str, value: Any) -> PixelOp | None:
+    if value is None or value is False:
+        return None
+    if name == "color_jitter":
+        if value is True:
+            return ColorJitter()
+        _check_keys(value, _JITTER_KEYS, "'color_jitter' options")
+        return ColorJitter(**value)
+    if name == "grayscale":
+        return Grayscale(**_prob_or_dict(value, name, ()))
+    if name == "blur":
+        return GaussianBlur(**_prob_or_dict(value, name, ("sigma",)))
+    if name == "solarize":
+        return Solarize(**_prob_or_dict(value, name, ("threshold",)))
+    if name == "one_of":
+        p = 1.0
+        choices = value
+        if isinstance(value, dict):
+            _check_keys(value, ("choices", "p"), "'one_of' options")
+            choices, p = value.get("choices", []), value.get("p", 1.0)
+        if not isinstance(choices, list | tuple) or not choices:
+            raise ValueError(f"one_of needs a non-empty list of single-operation dicts, got {value!r}")
+        ops = []
+        for choice in choices:
+            _check_keys(choice, _OP_KEYS[:-1], "a 'one_of' choice")
+            if len(choice) != 1:
+                raise ValueError(f"each 'one_of' choice must hold exactly one operation, got {choice!r}")
+            ((op_name, op_value),) = choice.items()
+            op = _build_op(op_name, op_value)
+            if op is not None:
+                ops.append(op)
+        return RandomChoice(ops, p=p)
+    raise AssertionError(name)
+
+
+def _build_view(cfg: dict) -> RandomResizedCropFlip | View:
+    _check_keys(cfg, _VIEW_KEYS, "a view config")
+    crop = RandomResizedCropFlip(**{k: cfg[k] for k in _CROP_KEYS if k in cfg})
+    ops = [op for name in _OP_KEYS if (op := _build_op(name, cfg.get(name))) is not None]
+    return View(crop, ops) if ops else crop
+
+
+def build_transform(
+    cfg: dict | Sequence[dict],
+) -> RandomResizedCropFlip | View | Views:
+    """Build the per-sample transform a method declares in its recipe (schema in the module doc).
+
+    A dict gives a single-view transform returning one array; a list gives a :class:`Views`
+    returning a tuple (even for one entry, so multi-view methods always see a tuple).
+    """
+    if isinstance(cfg, dict):
+        return _build_view(cfg)
+    if not isinstance(cfg, list | tuple):
+        raise ValueError(f"transform config must be a dict or a list of dicts, got {cfg!r}")
+    views: list[RandomResizedCropFlip | View] = []
+    for entry in cfg:
+        if not isinstance(entry, dict):
+            raise ValueError(f"each view config must be a dict, got {entry!r}")
+        entry = dict(entry)
+        repeat = entry.pop("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
+            raise ValueError(f"repeat must be an int >= 0, got {repeat!r}")
+        view = _build_view(entry)
+        views.extend([view] * repeat)
+    return Views(views)
