@@ -200,6 +200,9 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=on_gpu,
     )
+    # Handlers go in before the loader forks its workers, so the workers inherit them: a SIGUSR1/SIGTERM
+    # sent to every process of the job (scancel, preemption) must not kill a worker mid-batch.
+    preempt = PreemptionHandler()
     batches = iter(loader)
 
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
@@ -212,7 +215,6 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         + (f"resuming at step {start_step}" if start_step else "fresh start")
         + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}"
     )
-    preempt = PreemptionHandler()
 
     step = start_step
     sums: dict[str, torch.Tensor] = {}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (idempotent) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check mimscale recipes tests benchmarks
+exec .venv/bin/python -m pytest -q "$@"
