@@ -193,3 +193,16 @@ def test_bad_mask_shape_and_ratio_are_clear_errors():
         model(torch.randn(2, 3, 32, 32), mask=torch.zeros(2, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask_ratio=1.5"):
         tiny_mae(mask_ratio=1.5)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = tiny_mae().masker(2, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_mae().train()
+        model.set_grad_checkpointing(ckpt)
+        out = model(imgs, mask=mask)
+        out.loss.backward()
+        grads.append((out.loss.detach(), model.encoder.backbone.blocks[0].attn.qkv.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

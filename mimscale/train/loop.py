@@ -150,6 +150,10 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         ]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
+    if precision in ("bf16", "fp16"):
+        # Cast buffers too (ZeRO-3 casts only parameters): BatchNorm statistics, position tables and
+        # centres must match the activations' dtype. EMA teachers keep fp32 shadows of their own.
+        method.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     engine, _, _, scheduler = deepspeed.initialize(
         model=method, model_parameters=groups, config=ds_cfg, lr_scheduler=lr_scheduler
     )
