@@ -290,7 +290,7 @@ def _write_pictures(
 
     images, out = last_batch
     reconstruct = getattr(module, "reconstruct", None)
-    if reconstruct is not None and isinstance(images, torch.Tensor):
+    if reconstruct is not None:  # multi-view methods pick the view they reconstruct
         rows = reconstruct(images, out)
         path = save_reconstruction_grid(rows, out_dir / "reconstructions.png")
         print(f"[mimscale] reconstructions: {path}", flush=True)
