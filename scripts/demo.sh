@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # one ninja (the venv's) for DeepSpeed's JIT ops
 RUN=${RUN:-runs/demo}
 NUM_RANKS=${NUM_RANKS:-2}
 rm -rf "$RUN"

@@ -52,6 +52,9 @@ def run_deepspeed(
 
 def test_env() -> dict[str, str]:
     env = dict(os.environ)
+    # One ninja for every launch (the venv's), or DeepSpeed's JIT comm op is rebuilt whenever processes with
+    # and without the venv on PATH alternate (two ninja versions record builds differently).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env

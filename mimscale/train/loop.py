@@ -113,6 +113,9 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     from mimscale.methods.base import create_method
 
     user_ds, ds_source = load_ds_config(ds_config_spec)  # fail on a bad path before starting anything
+    # From the first moment: a SIGUSR1/SIGTERM during start-up is acted on at the first step boundary, and
+    # the loader's forked workers inherit the handler instead of dying from the signal mid-batch.
+    preempt = PreemptionHandler()
     rank, world, local_rank = init_distributed()
     accel = deepspeed.get_accelerator()
     on_gpu = accel.device_name() == "cuda"
@@ -204,9 +207,6 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=on_gpu,
     )
-    # Handlers go in before the loader forks its workers, so the workers inherit them: a SIGUSR1/SIGTERM
-    # sent to every process of the job (scancel, preemption) must not kill a worker mid-batch.
-    preempt = PreemptionHandler()
     batches = iter(loader)
 
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
@@ -274,12 +274,12 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
                 ckpt.save(engine, module, step, meta)
             progress.message(f"done: step {step}, checkpoint in {ckpt.root}")
     finally:
-        preempt.restore()
         progress.close()
 
     if rank == 0 and last_batch is not None:
         _write_pictures(module, last_batch, out_dir, progress)
     barrier()
+    preempt.restore()
     return exit_code
 
 
