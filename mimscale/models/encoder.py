@@ -95,6 +95,12 @@ class MaskedEncoder(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.backbone.blocks  # type: ignore[return-value]
 
+    def use_external(self, param: nn.Parameter) -> None:
+        """Declare a parameter owned elsewhere (e.g. the method's mask token) that this encoder's forward
+        uses, so ZeRO-3 gathers it in the encoder's forward and again in its backward, where the
+        mask-token product needs it (the method's own output is not hooked for backward)."""
+        register_external_parameter(self, param)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (activation checkpointing) to trade compute for memory."""
         self.grad_checkpointing = enable
@@ -206,12 +212,18 @@ class MaskedEncoder(nn.Module):
         return self(images)[0]
 
 
-def _register_direct_params(owner: nn.Module, backbone: nn.Module) -> None:
-    """Tell ZeRO-3 that ``owner``'s forward uses the backbone's direct parameters (CLS token, learnable
-    position table): the backbone's own ``forward`` never runs, so its hooks would not gather them."""
+def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
+    """Tell ZeRO-3 that ``module``'s forward uses ``param``, which another module owns (the backbone's CLS
+    token and position table, a method's mask token passed into the encoder): ZeRO-3 gathers a parameter
+    only inside its owner's forward, and that forward never runs for these. A no-op without DeepSpeed."""
     try:
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter as register
     except ImportError:  # the model library works without DeepSpeed installed
         return
+    register(module, param)
+
+
+def _register_direct_params(owner: nn.Module, backbone: nn.Module) -> None:
+    """The backbone's own ``forward`` never runs, so its direct parameters are used by ``owner``'s."""
     for p in backbone.parameters(recurse=False):
         register_external_parameter(owner, p)
