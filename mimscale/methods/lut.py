@@ -200,8 +200,9 @@ class LUT(MAE):
         view1, view2 = self._split_views(images)
         b = view1.shape[0]
         mask1, mask2 = self.view_masks(b, mask, device=view1.device)
-        ids1, ids_restore = keep_indices(mask1)
-        ids2, _ = keep_indices(mask2)
+        k = self.masker.num_keep if mask is None else None  # drawn here: no host-side check needed
+        ids1, ids_restore = keep_indices(mask1, k)
+        ids2, _ = keep_indices(mask2, k)
         both = torch.cat([view1, view2])
 
         # Both views' visible tokens in one encoder call (per-sample ops only, so identical to two calls;

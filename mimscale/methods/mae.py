@@ -36,17 +36,21 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * m).sum() / m.sum()
 
 
-def keep_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_indices(mask: torch.Tensor, num_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """From a bool mask with the same kept count per row: (ids_keep ``[B, K]``, ids_restore ``[B, L]``).
 
-    Kept patches are ordered by index; ``ids_restore`` puts ``[kept, masked]`` back in image order.
+    Kept patches are ordered by index; ``ids_restore`` puts ``[kept, masked]`` back in image order. Pass
+    ``num_keep`` when the mask comes from the method's own masker: then nothing is read back to the host
+    (checking a caller's mask needs a device-to-host sync).
     """
-    kept = (~mask).sum(dim=1)
-    if kept.numel() and not bool((kept == kept[0]).all()):
-        raise ValueError(f"MAE needs the same number of kept patches in every sample, got {kept.tolist()}")
+    if num_keep is None:
+        kept = (~mask).sum(dim=1)
+        if kept.numel() and not bool((kept == kept[0]).all()):
+            raise ValueError(f"MAE needs the same kept count in every sample, got {kept.tolist()}")
+        num_keep = int(kept[0]) if kept.numel() else 0
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, : int(kept[0]) if kept.numel() else 0], ids_restore
+    return ids_shuffle[:, :num_keep], ids_restore
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -124,14 +128,16 @@ class MAE(Method):
     ) -> MethodOutput:
         if isinstance(images, (list, tuple)):
             images = images[0]
+        num_keep = None  # a caller's mask is checked; our masker's keeps masker.num_keep by construction
         if mask is None:
             mask = self.masker(images.shape[0], device=images.device)
+            num_keep = self.masker.num_keep
         if mask.shape != (images.shape[0], self.encoder.num_patches):
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} != (batch, num_patches) = "
                 f"{(images.shape[0], self.encoder.num_patches)}"
             )
-        ids_keep, ids_restore = keep_indices(mask)
+        ids_keep, ids_restore = keep_indices(mask, num_keep)
         latent, _ = self.encoder(images, ids_keep=ids_keep)
         pred = self.decoder(latent, ids_restore)
         target = self.target(images)
