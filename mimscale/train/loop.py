@@ -179,12 +179,13 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     ckpt.clean_partial()
     barrier()
     start_step = ckpt.load(engine, module)
+    timm_name, timm_kwargs, encoder_prefix = module.export_spec()
     meta = {
         "method": cfg.method,
         "recipe": recipe_name,
-        "timm.model_name": module.export_spec()[0],
-        "timm.kwargs": module.export_spec()[1],
-        "encoder_prefix": module.export_spec()[2],
+        "timm.model_name": timm_name,
+        "timm.kwargs": timm_kwargs,
+        "encoder_prefix": encoder_prefix,
         "zero_stage": zero_stage(ds_cfg),
         "world_size": world,
         "config": C.to_dict(cfg),
