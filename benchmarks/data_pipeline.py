@@ -20,7 +20,9 @@ DataLoader worker per core):
   (c)  mimscale: ``build_train_loader`` over the shards with the MAE view
        (``build_transform({"size": 224, "scale": [0.2, 1.0]})``), producing exactly the
        ``Batch`` the training loop consumes (uint8 [B, 3, 224, 224]; normalisation happens on
-       the device, inside the training step). (c*) is the same with ``fast_decode=True``.
+       the device, inside the training step). Each JPEG is decoded only inside its crop box
+       (libjpeg-turbo through the ``mimscale.data._jpeg_region`` extension; the header line says
+       whether it is built). (c*) is the same with ``fast_decode=True``.
   (d)  with CUDA only: the GPU decode option (``JpegCropSampler`` workers + ``GpuJpegDecoder``),
        timed to the finished uint8 batch on the device.
 
@@ -56,7 +58,7 @@ from _images import imagenet_like_jpegs, mean_size  # noqa: E402
 
 from mimscale.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, build_train_loader  # noqa: E402
 from mimscale.data.shards import list_image_folder, write_shards  # noqa: E402
-from mimscale.data.transforms import build_transform  # noqa: E402
+from mimscale.data.transforms import REGION_DECODE, build_transform  # noqa: E402
 
 SIZE = 224
 SCALE = (0.2, 1.0)
@@ -308,6 +310,12 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, Pillow {Image.__version__}, simplejpeg {simplejpeg.__version__}, "
         f"cpus {os.cpu_count()}"
+    )
+    print(
+        f"(c) crop-region decode: {REGION_DECODE}"
+        if REGION_DECODE
+        else "(c) crop-region decode: NOT BUILT (install libjpeg-turbo headers, then reinstall mimscale);"
+        " (c) decodes whole images"
     )
     has_cuda = torch.cuda.is_available()
     if not has_cuda:

@@ -408,3 +408,37 @@ def test_compiled_mae_matches_eager_loss_and_grads() -> None:
     assert grads_e.keys() == grads_c.keys() and len(grads_e) > 10
     for name, g in grads_e.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.distributed
+def test_loop_decodes_on_the_device_when_asked(tmp_path: Path) -> None:
+    """``data.decode=device``: the workers ship JPEG bytes and crop boxes, the training device decodes
+    (here the CPU stands in for the GPU), and a 2-rank run trains on the result."""
+    pytest.importorskip("deepspeed")
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_launch import run_deepspeed
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    args = ["--smoke", "--ds_config", "zero1.json", "--output_dir", str(run_dir), "--max_steps", "3",
+            "--set", "data.decode=device", "--set", "log_interval=1"]
+    proc = run_deepspeed(repo / "recipes" / "mae_vitb.py", args, timeout=900)
+    assert "JPEG decode on cpu" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_device_decode_config_is_validated() -> None:
+    """Only the two decode places exist, and decoding on the device takes exactly one view."""
+    from mimscale.train.config import ConfigError, TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.data.decode = "device"
+    validate(cfg)  # MAE's single default view
+    cfg.data.views = [{"size": 224}, {"size": 96}]
+    with pytest.raises(ConfigError, match=r"'device' with 2 data.views.*allowed: data.decode='workers'"):
+        validate(cfg)

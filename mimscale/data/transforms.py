@@ -8,14 +8,17 @@ traffic at one byte per pixel.
 
 The crop, :class:`RandomResizedCropFlip`, reproduces torchvision's ``RandomResizedCrop`` sampling
 exactly but samples the crop box *before* decoding: for JPEG input it reads only the header, picks
-the box, decodes with libjpeg-turbo (through simplejpeg) into a reused per-thread buffer, and crops
-and resizes with PyTorch's vectorised uint8 antialiased bicubic kernel (the filter of PIL's
-``BICUBIC``, which torchvision's PIL path uses), writing CHW directly. When the box spans at least
-twice the output, the decode uses libjpeg's DCT scaling at 1/2, 1/4 or 1/8 (a 1024x768 photo going
-to 224 decodes 4x fewer pixels) and PIL resizes the then fractional box. On typical ImageNet images
-(crops near the output size) the image is decoded at full size; the per-sample work is then the
-decode plus one uint8 resize, measured by ``benchmarks/data_pipeline.py`` against the official
-torchvision path and against plain decoding.
+the box, and then decodes **only the box** with libjpeg-turbo (the C extension
+:mod:`mimscale.data._jpeg_region`: rows above it are entropy-decoded and skipped, columns beside it
+are never transformed, nothing below it is read; the pixels are bit-identical to slicing a full
+decode) into a reused per-thread buffer. It resizes with PyTorch's vectorised uint8 antialiased
+bicubic kernel (the filter of PIL's ``BICUBIC``, which torchvision's PIL path uses), writing CHW
+directly. When the box spans at least twice the output, the decode uses libjpeg's DCT scaling at
+1/2, 1/4 or 1/8 instead (a 1024x768 photo going to 224 decodes 4x fewer pixels) and PIL resizes the
+then fractional box. Without the extension (no libjpeg-turbo headers at install; see
+:data:`REGION_DECODE`) the whole image is decoded with simplejpeg and the box cut from it: the same
+output, ~20% more decoding. ``benchmarks/data_pipeline.py`` measures the pipeline against the
+official torchvision path and against plain decoding.
 
 Colour operations (:class:`ColorJitter`, :class:`Grayscale`, :class:`Solarize`,
 :class:`GaussianBlur`, :class:`RandomChoice`) act on the RGB PIL image between the crop and the
@@ -102,6 +105,15 @@ _FAST_COLORSPACES = {"YCbCr", "Gray", "RGB"}
 MIN_DCT_DENOM = 2
 
 PixelOp = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+try:  # the optional C extension (setup.py); without libjpeg-turbo's headers at install time it is absent
+    from mimscale.data import _jpeg_region
+except ImportError:  # pragma: no cover - depends on the build machine
+    _jpeg_region = None
+
+#: The libjpeg the crop-region decoder was built against (e.g. ``"libjpeg-turbo 2.1.5"``), or None
+#: when the extension is not built and single-view crops decode the whole image with simplejpeg.
+REGION_DECODE: str | None = _jpeg_region.libjpeg_version() if _jpeg_region is not None else None
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
@@ -198,10 +210,14 @@ def resize_crop_uint8(src: np.ndarray, box: tuple[int, int, int, int], size: tup
     block it writes CHW output directly.
     """
     top, left, h, w = box
-    crop = np.ascontiguousarray(src[top : top + h, left : left + w])
+    return _resize_hwc(np.ascontiguousarray(src[top : top + h, left : left + w]), size)
+
+
+def _resize_hwc(crop: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Resize an HWC uint8 array (a view is fine) to ``size``; contiguous ``[3, H, W]`` uint8 tensor."""
     # numpy views are ~30x cheaper than torch view ops, which add up at ~1000 images/s per core.
     x = torch.from_numpy(crop.transpose(2, 0, 1)[None])
-    if (h, w) == tuple(size):
+    if tuple(crop.shape[:2]) == tuple(size):
         return x[0].contiguous()
     out = _upsample_bicubic_aa(x, (int(size[0]), int(size[1])))
     return (out if out.is_contiguous() else out.contiguous())[0]
@@ -240,11 +256,13 @@ class _Source:
     12 times.
     """
 
-    __slots__ = ("data", "_header", "_decoded", "_decoded_pil", "_pil", "fast", "fast_decode")
+    __slots__ = ("data", "_header", "_decoded", "_decoded_pil", "_pil", "fast", "fast_decode", "region")
 
-    def __init__(self, data: bytes, fast_decode: bool = False) -> None:
+    def __init__(self, data: bytes, fast_decode: bool = False, region: bool = True) -> None:
         self.data = data
         self.fast_decode = fast_decode
+        # Decode only each crop's rectangle (one view per sample); several views share one decode.
+        self.region = region and _jpeg_region is not None
         self._header: tuple[int, int] | None = None
         self._decoded: tuple[np.ndarray, float, float] | None = None  # (HWC array, scale y, scale x)
         self._decoded_pil: Image.Image | None = None
@@ -268,21 +286,50 @@ class _Source:
             self._header = (height, width)
         return self._header
 
-    def decode(self, min_h: int, min_w: int) -> tuple[np.ndarray, float, float]:
-        """RGB decode at the smallest power-of-two DCT scale that is at least ``min_h`` x ``min_w``.
+    def dct_denom(self, min_h: int, min_w: int) -> int:
+        """The largest power-of-two DCT reduction (1, 2, 4, 8) that keeps ``min_h`` x ``min_w`` pixels.
 
         Only 1/2, 1/4 and 1/8 are used: libjpeg-turbo has SIMD inverse DCTs for those, while its
         5/8..7/8 scales run plain C and decode *slower* than full size (measured: 7/8 takes 1.5x
-        the time of 8/8 on ImageNet-sized photos). A decode already made for another view is
-        reused when it is large enough. Raises ``ValueError`` (libjpeg-turbo strict mode) for
-        files PIL must handle.
+        the time of 8/8 on ImageNet-sized photos).
         """
         height, width = self._header  # type: ignore[misc]
-        denom = 1
         for d in (8, 4, 2):
             if d >= MIN_DCT_DENOM and -(-height // d) >= min_h and -(-width // d) >= min_w:
-                denom = d
-                break
+                return d
+        return 1
+
+    def decode_region(self, top: int, left: int, h: int, w: int, denom: int) -> np.ndarray:
+        """RGB pixels ``[top:top+h, left:left+w]`` of the image decoded at scale ``1/denom``.
+
+        Decodes only that rectangle (:mod:`mimscale.data._jpeg_region`: rows above it are entropy
+        decoded and skipped, columns outside it are not transformed, nothing below it is read),
+        bit-identical to slicing a full decode. Returns a packed HWC view into the per-thread
+        scratch buffer, valid until the next decode in this thread. Raises ``ValueError`` for files PIL
+        must handle.
+        """
+        height, width = self._header  # type: ignore[misc]
+        # jpeg_crop_scanline widens each decoded row by up to three iMCU columns (<= 32 px each).
+        buf = _decode_buffer(h * min(w + 97, -(-width // denom)) * 3)
+        try:
+            _jpeg_region.decode_region(self.data, top, left, h, w, denom, buf, self.fast_decode)
+        except ValueError:
+            self.fast = False
+            raise
+        self.fast = True
+        self._decoded = None  # the scratch buffer now holds this rectangle
+        self._decoded_pil = None
+        return buf[: h * w * 3].reshape(h, w, 3)
+
+    def decode(self, min_h: int, min_w: int) -> tuple[np.ndarray, float, float]:
+        """RGB decode of the whole image at the smallest power-of-two DCT scale (:meth:`dct_denom`)
+        that is at least ``min_h`` x ``min_w``.
+
+        A decode already made for another view is reused when it is large enough. Raises
+        ``ValueError`` (libjpeg-turbo strict mode) for files PIL must handle.
+        """
+        height, width = self._header  # type: ignore[misc]
+        denom = self.dct_denom(min_h, min_w)
         want_h, want_w = -(-height // denom), -(-width // denom)
         if self._decoded is not None:
             arr = self._decoded[0]
@@ -333,9 +380,10 @@ class RandomResizedCropFlip:
     * If the box spans at least twice the output, the JPEG is decoded at a reduced libjpeg DCT
       scale (1/2, 1/4 or 1/8) and the box, now fractional, is resized by PIL, which takes
       fractional boxes.
-    * Otherwise (typical ImageNet images going to 224) the image is decoded at full size into a
-      numpy array and the integer box is cropped and resized by :func:`resize_crop_uint8`
-      (PyTorch's vectorised uint8 antialiased bicubic, no PIL image and no float array).
+    * Otherwise (typical ImageNet images going to 224) only the box is decoded, at full scale
+      (:meth:`_Source.decode_region`; under :class:`Views` the image is decoded once and every
+      view's box cut from it), and resized by PyTorch's vectorised uint8 antialiased bicubic (no
+      PIL image and no float array).
 
     ``dct_margin``: the JPEG is decoded at the smallest libjpeg scale (1/2, 1/4, 1/8) at which the
     crop box still spans ``dct_margin`` x the output size. 1.0 is fastest; at 1/8 scale libjpeg keeps only
@@ -396,6 +444,11 @@ class RandomResizedCropFlip:
         # Smallest DCT scale whose reduced image still gives the crop >= margin x output.
         min_h = math.ceil(self.dct_margin * out_h * height / h)
         min_w = math.ceil(self.dct_margin * out_w * width / w)
+        if src.region and src.dct_denom(min_h, min_w) == 1:
+            # Decode just the crop: the same pixels as slicing a full decode, ~25% less decoding.
+            # (At reduced DCT scales the whole reduced image is decoded: it is already small, and
+            # PIL's fractional-box resize there depends on the pixels around the box.)
+            return _resize_hwc(src.decode_region(top, left, h, w, 1), self.size)
         arr, sy, sx = src.decode(min_h, min_w)
         rh, rw = arr.shape[:2]
         if (rh, rw) == (height, width):
@@ -605,7 +658,8 @@ class Views:
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         crops = [v if isinstance(v, RandomResizedCropFlip) else getattr(v, "crop", None) for v in self.views]
-        src = _Source(data, any(c is not None and c.fast_decode for c in crops))
+        # One view: decode just its crop. Several: decode the image once and cut every crop from it.
+        src = _Source(data, any(c is not None and c.fast_decode for c in crops), region=len(self.views) == 1)
         return tuple(
             view(src if isinstance(view, RandomResizedCropFlip | View) else data, rng) for view in self.views
         )

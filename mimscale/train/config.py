@@ -32,6 +32,11 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     views: list[dict[str, Any]] | None = None  # multi-view methods: one transform dict per view
+    # Where JPEGs are decoded. "workers": the CPU data workers (crop-region libjpeg-turbo decode).
+    # "device": the workers only draw crop boxes and ship encoded bytes; the training device
+    # decodes (nvJPEG on GPUs), crops and resizes the batch. For hosts whose cores cannot keep up;
+    # single-view recipes without colour augmentation only (MAE, SimMIM, BEiT, data2vec).
+    decode: Literal["workers", "device"] = "workers"
     num_workers: int = 8
     shuffle_buffer: int = 5000
     epoch_size: int = 1_281_167  # samples per epoch for epoch-defined schedules (ImageNet-1k train)
@@ -447,6 +452,11 @@ def validate(cfg: TrainConfig) -> None:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {allowed}")
+    if cfg.data.decode == "device" and cfg.data.views is not None and len(cfg.data.views) != 1:
+        raise ConfigError(
+            f"data.decode='device' with {len(cfg.data.views)} data.views: decoding on the device takes one "
+            "view; allowed: data.decode='workers' for multi-view methods"
+        )
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr!r}: expected > 0 or null")
     validate_model_kwargs(cfg)

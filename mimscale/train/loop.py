@@ -200,10 +200,19 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
             demo_data_spec(img_size, cfg.data.demo_images)
         barrier()
         urls = demo_data_spec(img_size, cfg.data.demo_images)
+    spec = build_transform_spec(cfg, img_size)
+    decode_on_device = None
+    if cfg.data.decode == "device":  # workers ship JPEG bytes + crop boxes; the device decodes
+        from mimscale.data.gpu_decode import GpuJpegDecoder, build_gpu_decode_transform
+
+        transform = build_gpu_decode_transform(spec[0] if isinstance(spec, list) else spec)
+        decode_on_device = GpuJpegDecoder(device)
+    else:
+        transform = build_transform(spec)
     # Reseed the stream from the step: a resumed run draws new shards/crops instead of replaying.
     loader = build_train_loader(
         urls,
-        build_transform(build_transform_spec(cfg, img_size)),
+        transform,
         plan.micro_batch,
         seed=cfg.seed * 1_000_003 + start_step,
         rank=rank,
@@ -223,6 +232,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         f"{total} steps ({spe}/epoch), "
         + (f"resuming at step {start_step}" if start_step else "fresh start")
         + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}"
+        + (f", JPEG decode on {device}" if decode_on_device is not None else "")
     )
 
     step = start_step
@@ -243,7 +253,8 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
             for _ in range(plan.accumulation):
                 batch = next(batches)
                 skipped += batch.skipped
-                images = normalize_on_device(batch.images, device, dtype)
+                raw = batch.images if decode_on_device is None else decode_on_device(batch.images)
+                images = normalize_on_device(raw, device, dtype)
                 out = engine(images)
                 engine.backward(out.loss)
                 engine.step()
