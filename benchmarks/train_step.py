@@ -12,12 +12,20 @@ processes hits every variant alike:
 
 * mimscale: the step as the training loop runs it: ``normalize_on_device`` of a uint8 batch, the
   method's forward, ``engine.backward``, ``engine.step`` of a DeepSpeed engine (world size 1,
-  the recipe's optimizer section from ``build_ds_config``: torch AdamW, fused on GPU; ZeRO stage
-  from ``--ds-config``).
+  the DeepSpeed config from ``build_ds_config``: torch's fused AdamW, and for ZeRO-1/2 without
+  clipping no global gradient norm; ZeRO stage from ``--ds-config``).
 * Hugging Face ``transformers.ViTMAEForPreTraining`` with the same encoder/decoder sizes, mask
-  ratio and norm-pix loss, SDPA attention, ``torch.optim.AdamW`` with the same hyper-parameters,
-  the same batch and thread count (bf16 autocast on GPU). Printed: the ratio of step times
-  (mimscale / HF; target <= 1.0).
+  ratio and norm-pix loss, SDPA attention, the same batch and thread count, twice:
+
+  - ``hf_ds``: in a DeepSpeed engine built exactly like mimscale's (same ``--ds-config``, optimizer
+    section, parameter groups, precision). This is the like-for-like comparison of the two model
+    implementations, and its ratio is the target (mimscale / HF <= 1.0).
+  - ``hf``: plain PyTorch, ``torch.optim.AdamW`` with the same hyper-parameters and the same
+    implementation as mimscale's optimizer (fused exactly when it is), bf16 autocast on GPU. The
+    ratio ``hf_ds / hf`` is the DeepSpeed engine's own per-step cost (ZeRO's flat-buffer copies),
+    which is large on a CPU at small batches and shared by anything trained with DeepSpeed.
+
+  Printed: which optimizer each side runs, and the ratios.
 * SimMIM (``create_method("simmim")``) on the same ViT: the full-token encoder. The MAE paper
   reports ~3x less encoder compute for MAE at 75% masking (``--no-simmim`` skips it).
 
@@ -48,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from mimscale.data.pipeline import normalize_on_device  # noqa: E402
 from mimscale.flops import count_flops, detect_peak_tflops, method_flops  # noqa: E402
 from mimscale.methods.base import Method, create_method  # noqa: E402
+from mimscale.train.cpu_ranks import flush_denormals, retain_freed_memory  # noqa: E402
 
 
 def load_recipe(name: str) -> Any:
@@ -76,17 +85,18 @@ def sync(device: torch.device) -> None:
 
 
 def build_engine(
-    method: Method,
+    method: torch.nn.Module,
     cfg: Any,
     batch: int,
     ds_config: str,
     on_gpu: bool,
     compile_: bool,
-    cpu_fused: bool = False,
+    unfused_adam: bool = False,
 ) -> Any:
-    """A world-size-1 DeepSpeed engine configured as the training loop configures it.
+    """A world-size-1 DeepSpeed engine configured as the training loop configures it (for any module whose
+    forward takes the image batch and returns an object with ``.loss``: a mimscale method, or HF's MAE).
 
-    ``cpu_fused``: also use torch's fused AdamW kernel on CPU (the loop's config fuses only on GPU).
+    ``unfused_adam``: torch AdamW without its fused kernel (the loop's CPU optimizer before it was fused).
     """
     import deepspeed
 
@@ -99,13 +109,47 @@ def build_engine(
     precision = resolve_precision(cfg.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     plan = C.plan_batch(batch, 1, batch)
     ds_cfg = build_ds_config(user, cfg, plan, precision, C.peak_lr(cfg.optim, 4096), on_gpu)
-    if cpu_fused and not on_gpu and "torch_adam" in ds_cfg["optimizer"]["params"]:
-        ds_cfg["optimizer"]["params"]["fused"] = True
-    groups = param_groups(method, weight_decay_at(cfg.optim, 0, 1), method.no_weight_decay())
+    if unfused_adam and "torch_adam" in ds_cfg["optimizer"]["params"]:
+        ds_cfg["optimizer"]["params"].pop("fused", None)
+    no_decay = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
+    groups = param_groups(method, weight_decay_at(cfg.optim, 0, 1), no_decay)
     engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_cfg)
     if compile_:
         engine.compile()
     return engine
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16/fp16 optimizers)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) or isinstance(
+        getattr(opt, "optimizer", None), torch.optim.Optimizer
+    ):
+        opt = opt.optimizer
+    return opt
+
+
+def adam_impl(opt: torch.optim.Optimizer) -> str:
+    """Which of torch's Adam implementations ``step`` runs: fused, foreach or the per-tensor for-loop."""
+    if opt.defaults.get("fused"):
+        return "fused"
+    foreach = opt.defaults.get("foreach")
+    if foreach is None:  # torch's default: foreach for CUDA tensors, the for-loop otherwise
+        foreach = all(p.is_cuda for g in opt.param_groups for p in g["params"])
+    return "foreach" if foreach else "for-loop"
+
+
+def describe_engine(engine: Any) -> str:
+    opt = base_optimizer(engine)
+    text = f"{type(opt).__module__}.{type(opt).__name__} ({adam_impl(opt)})"
+    if engine.optimizer is not opt:
+        text += f" in {type(engine.optimizer).__name__}"
+    stage = engine.zero_optimization_stage()
+    text += f", ZeRO stage {stage}"
+    if stage in (1, 2):
+        norm = engine._config.zero_config.compute_grad_norm
+        text += f", global grad norm {'on' if norm else 'off'}"
+    return text
 
 
 def mimscale_step(engine: Any, images_u8: torch.Tensor, device: torch.device) -> Callable[[], None]:
@@ -160,18 +204,19 @@ def hf_mae(method: Method, device: torch.device) -> torch.nn.Module:
 
 
 def hf_step(
-    model: torch.nn.Module, images: torch.Tensor, cfg: Any, device: torch.device, fused: bool
-) -> Callable[[], None]:
-    """HF forward/backward and torch AdamW (fused exactly when mimscale's optimizer is)."""
+    model: torch.nn.Module, images: torch.Tensor, cfg: Any, device: torch.device, like: torch.optim.Optimizer
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """HF forward/backward and torch AdamW with ``like``'s lr and implementation (fused / foreach)."""
     o = cfg.optim
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-4,
+        lr=like.param_groups[0]["lr"],
         betas=tuple(o.betas),
         eps=o.eps,
-        fused=fused or None,
+        fused=like.defaults.get("fused"),
+        foreach=like.defaults.get("foreach"),
     )
     autocast = device.type == "cuda"
 
@@ -182,7 +227,7 @@ def hf_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, opt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,19 +247,30 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: detected)")
     parser.add_argument("--compile", action="store_true", help="engine.compile() the mimscale step")
     parser.add_argument(
-        "--cpu-fused-adam",
+        "--unfused-adam",
         action="store_true",
-        help="CPU only: torch's fused AdamW kernel for mimscale and HF alike (the loop fuses on GPU only)",
+        help="torch AdamW without the fused kernel, for mimscale and HF alike (for-loop on CPU, foreach on "
+        "CUDA; the loop's CPU optimizer before it was fused)",
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--no-simmim", action="store_true", help="skip the SimMIM comparison")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU: leave glibc's malloc as it is instead of retaining freed blocks as the training loop "
+        "does on CPU ranks (mimscale.train.cpu_ranks); shows what per-step page faults cost DeepSpeed",
+    )
     args = parser.parse_args()
+    on_gpu = torch.cuda.is_available()
+    # As the loop sets up a CPU rank, before any thread pool starts (threads inherit the FP mode), for
+    # the whole process: every variant below runs with the same settings.
+    retained = not on_gpu and not args.default_malloc and retain_freed_memory()
+    ftz = not on_gpu and flush_denormals()
 
     from mimscale.train.distributed import init_distributed
 
     init_distributed()  # a world of one in this process (sets RANK/WORLD_SIZE/MASTER_* if unset)
     torch.set_num_threads(args.threads)
-    on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
@@ -242,15 +298,15 @@ def main() -> None:
         f"{args.recipe}: {cfg.method} {model_kwargs.get('model_name')}, {img}px, batch {batch}, "
         f"{steps} timed steps after {warmup} warm-up, {args.threads} threads, {dev_name}, "
         f"DeepSpeed {args.ds_config}{', compiled' if args.compile else ''}"
-        f"{', fused CPU AdamW' if args.cpu_fused_adam else ''}"
+        f"{', unfused AdamW' if args.unfused_adam else ''}"
+        f"{', malloc retains freed blocks' if retained else ''}{', denormals flushed' if ftz else ''}"
     )
     print(f"fused attention (F.scaled_dot_product_attention): {fused}/{n_attn} attention blocks")
     print(f"model FLOPs/image: {flops}; FlopCounterMode forward: {counted / 1e9:.2f} GFLOPs")
 
     images_u8 = torch.randint(0, 256, (batch, enc.in_chans, img, img), dtype=torch.uint8, device=device)
-    engine = build_engine(method, cfg, batch, args.ds_config, on_gpu, args.compile, args.cpu_fused_adam)
-    # build_ds_config fuses AdamW on GPU (without optimizer offload); --cpu-fused-adam adds CPU.
-    fused_adam = on_gpu or args.cpu_fused_adam
+    engine = build_engine(method, cfg, batch, args.ds_config, on_gpu, args.compile, args.unfused_adam)
+    print(f"optimizer, mimscale: {describe_engine(engine)}")
     variants: dict[str, Callable[[], None]] = {"mimscale": mimscale_step(engine, images_u8, device)}
     if not args.no_hf:
         if cfg.method != "mae":
@@ -258,7 +314,14 @@ def main() -> None:
         else:
             model = hf_mae(method, device)
             images = normalize_on_device(images_u8, device, torch.float32)
-            variants["hf"] = hf_step(model, images, cfg, device, fused_adam)
+            variants["hf"], hf_opt = hf_step(model, images, cfg, device, base_optimizer(engine))
+            print(f"optimizer, HF:       torch.optim.AdamW ({adam_impl(hf_opt)}), plain PyTorch (no engine)")
+            # The like-for-like comparison: HF's model in the same DeepSpeed engine and config as mimscale's.
+            hf_engine = build_engine(
+                hf_mae(method, device), cfg, batch, args.ds_config, on_gpu, args.compile, args.unfused_adam
+            )
+            variants["hf_ds"] = mimscale_step(hf_engine, images_u8, device)
+            print(f"optimizer, HF in DS: {describe_engine(hf_engine)}")
     simmim_flops = None
     if not args.no_simmim and cfg.method == "mae":
         sim_kwargs = {
@@ -269,7 +332,7 @@ def main() -> None:
         simmim = create_method("simmim", **sim_kwargs)
         simmim_flops = method_flops(simmim)
         variants["simmim"] = mimscale_step(
-            build_engine(simmim, cfg, batch, args.ds_config, on_gpu, args.compile, args.cpu_fused_adam),
+            build_engine(simmim, cfg, batch, args.ds_config, on_gpu, args.compile, args.unfused_adam),
             images_u8,
             device,
         )
@@ -307,7 +370,7 @@ def main() -> None:
         if not on_gpu:
             line += f"  (CPU {med_cpu[name]:.2f} s/step)"
         f = flops if name != "simmim" else simmim_flops
-        if name != "hf" and f is not None:
+        if not name.startswith("hf") and f is not None:
             tflops = f.train * batch / t / 1e12
             mfu = (
                 f"  MFU {100 * tflops / peak:.1f}% of {peak:.0f}" if peak else "  MFU n/a (no --peak-tflops)"
@@ -319,8 +382,16 @@ def main() -> None:
         text = f"{med[a] / med[b]:.2f}"
         return text if on_gpu else text + f" (CPU time {med_cpu[a] / med_cpu[b]:.2f})"
 
+    if "hf_ds" in med:
+        print(
+            f"mimscale / HF ViTMAEForPreTraining, both in the same DeepSpeed engine ({args.ds_config}): "
+            f"{ratio('mimscale', 'hf_ds')}  (target <= 1.0)"
+        )
     if "hf" in med:
-        print(f"mimscale / HF ViTMAEForPreTraining step time: {ratio('mimscale', 'hf')}  (target <= 1.0)")
+        print(f"mimscale (DeepSpeed) / HF in plain PyTorch: {ratio('mimscale', 'hf')}")
+        if "hf_ds" in med:
+            print(f"  of which the DeepSpeed engine's own per-step cost, HF in DeepSpeed / HF plain: "
+                  f"{ratio('hf_ds', 'hf')}")
     if "simmim" in med:
         print(
             f"SimMIM / MAE step time on {model_kwargs.get('model_name')}: {ratio('simmim', 'mimscale')}"
@@ -329,4 +400,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        from mimscale.train.distributed import release_shm_buffers
+
+        release_shm_buffers()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -416,7 +419,6 @@ def test_loop_decodes_on_the_device_when_asked(tmp_path: Path) -> None:
     (here the CPU stands in for the GPU), and a 2-rank run trains on the result."""
     pytest.importorskip("deepspeed")
     import json
-    import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from distributed_launch import run_deepspeed
@@ -442,3 +444,22 @@ def test_device_decode_config_is_validated() -> None:
     cfg.data.views = [{"size": 224}, {"size": 96}]
     with pytest.raises(ConfigError, match=r"'device' with 2 data.views.*allowed: data.decode='workers'"):
         validate(cfg)
+
+
+def test_cpu_rank_setup_shares_cores_and_retains_freed_memory() -> None:
+    """A CPU rank takes its share of the cores (unless OMP_NUM_THREADS is set) and glibc keeps freed
+    large blocks (DeepSpeed's per-step buckets) instead of unmapping them; opt-out by environment."""
+    code = (
+        "import torch; from mimscale.train.cpu_ranks import configure_cpu_rank as c; print(c()); "
+        "a = torch.empty(64 << 20, dtype=torch.uint8); a.fill_(1); del a; print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cores = os.cpu_count() or 1
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL_WORLD_SIZE": "2"},
+                         capture_output=True, text=True, check=True).stdout
+    assert f"CPU rank: {max(1, cores // 2)} threads, malloc retains freed blocks, denormals" in out
+    assert "ok" in out
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MIMSCALE_CPU_MALLOC": "default",
+                                                           "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "CPU rank: 1 threads, malloc default, denormals" in out

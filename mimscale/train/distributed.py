@@ -6,6 +6,7 @@ exports ``MASTER_ADDR``/``MASTER_PORT`` from the allocation (see launch_scripts/
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 
@@ -49,3 +50,22 @@ def _free_port() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from ``/dev/shm``.
+
+    On the CPU accelerator DeepSpeed maps one ~66 MB shared-memory file per rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every CPU run
+    (tests, the demo, CPU smoke runs) would leave them behind until /dev/shm fills the RAM. Call after
+    the last collective, once every rank has mapped every buffer: unlinking removes only the name,
+    the mappings stay valid until the processes exit. A no-op on GPUs (no such file).
+    """
+    if not dist.is_initialized() or not hasattr(os, "getuid"):
+        return
+    port, rank = os.environ.get("MASTER_PORT", "*"), dist.get_rank()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

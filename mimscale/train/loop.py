@@ -20,8 +20,9 @@ import torch
 
 from mimscale.train import config as C
 from mimscale.train.checkpoint import Checkpointer
+from mimscale.train.cpu_ranks import configure_cpu_rank
 from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision, zero_stage
-from mimscale.train.distributed import barrier, init_distributed
+from mimscale.train.distributed import barrier, init_distributed, release_shm_buffers
 from mimscale.train.preemption import EXIT_RESUMABLE, PreemptionHandler
 from mimscale.train.progress import ProgressLogger
 from mimscale.train.schedule import build_multiplier
@@ -122,10 +123,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     if on_gpu:
         accel.set_device(local_rank)
     device = torch.device(accel.current_device_name() if on_gpu else "cpu")
-    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
-        # Ranks sharing a CPU host each default to every core: oversubscribed, ZeRO-3 runs 20x slower.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    cpu_setup = None if on_gpu else configure_cpu_rank()  # threads per rank, no per-step page faults
     out_dir = Path(cfg.output_dir or "runs/default")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +231,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
         + (f"resuming at step {start_step}" if start_step else "fresh start")
         + f", data {'demo' if cfg.data.urls is None else cfg.data.urls}"
         + (f", JPEG decode on {device}" if decode_on_device is not None else "")
+        + (f"; {cpu_setup}" if cpu_setup else "")
     )
 
     step = start_step
@@ -295,6 +294,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     if rank == 0 and last_batch is not None:
         _write_pictures(module, last_batch, out_dir, progress)
     barrier()
+    release_shm_buffers()  # CPU runs: DeepSpeed leaves its all-reduce buffers in /dev/shm otherwise
     preempt.restore()
     return exit_code
 
