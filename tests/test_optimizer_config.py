@@ -182,4 +182,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mimscale.train.distributed import shutdown_distributed
+
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown

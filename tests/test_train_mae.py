@@ -179,3 +179,26 @@ def test_zero3_survives_sigusr1_and_a_hard_kill_and_resumes(shards, tmp_path):
     assert after < first and abs(after - before) < 0.5 * (first - before) + 0.1  # continues, no jump back up
     assert latest(run) == "step_00000030"
     export_and_check_timm(run, tmp_path)
+
+
+@pytest.mark.distributed
+def test_non_finite_loss_stops_without_checkpointing_the_diverged_state(tmp_path: Path) -> None:
+    """An absurd lr makes the loss non-finite after the first update: the run stops with status 3 at the
+    next check, says why, and ``latest`` still points at the last checkpoint taken while it was finite."""
+    run_dir = tmp_path / "run"
+    proc = run_deepspeed(
+        REPO / "recipes" / "mae_vitb.py",
+        ["--smoke", "--ds_config", "zero2.json", "--output_dir", str(run_dir), "--max_steps", "6",
+         "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0", "--set", "ckpt_interval=1",
+         "--set", "log_interval=1"],
+        timeout=600,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "non-finite loss by step" in out
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    good = int(latest.split("_")[1])
+    assert good >= 1 and all(np.isfinite(losses[:good]))
+    assert not (run_dir / "checkpoints" / f"step_{good + 1:08d}").exists()

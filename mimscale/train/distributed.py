@@ -69,3 +69,17 @@ def release_shm_buffers() -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def shutdown_distributed() -> None:
+    """End of a process: release the /dev/shm buffers and destroy the process group.
+
+    Without it the communication backends' threads are still alive while the interpreter tears down,
+    and a gloo rank occasionally aborts after its work is done ("terminate called without an active
+    exception", status -6), which a scheduler reads as a failed job. Call once, as the process ends
+    (DeepSpeed does not re-initialise a destroyed group in the same process).
+    """
+    if not dist.is_initialized():
+        return
+    release_shm_buffers()
+    dist.destroy_process_group()

@@ -17,17 +17,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mimscale.train import config as C
 from mimscale.train.checkpoint import Checkpointer
 from mimscale.train.cpu_ranks import configure_cpu_rank
 from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision, zero_stage
-from mimscale.train.distributed import barrier, init_distributed, release_shm_buffers
+from mimscale.train.distributed import barrier, init_distributed, release_shm_buffers, shutdown_distributed
 from mimscale.train.preemption import EXIT_RESUMABLE, PreemptionHandler
 from mimscale.train.progress import ProgressLogger
 from mimscale.train.schedule import build_multiplier
 
 SIGNAL_CHECK_EVERY = 5  # steps between collective checks for a preemption signal
+EXIT_DIVERGED = 3  # the loss became non-finite; not resumable as is (75 means "resume me")
 
 
 def param_groups(
@@ -240,6 +242,17 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     skipped = 0
     last_batch = None
     exit_code = 0
+    # Any non-finite loss since the last check, kept on the device (no host sync per step). Like the
+    # official MAE loop, a non-finite loss stops the run; checked before every checkpoint too, so a
+    # diverged state never replaces the last good checkpoint.
+    nonfinite = torch.zeros((), dtype=torch.int32, device=device)
+
+    def diverged() -> bool:
+        flag = nonfinite.clone()
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     progress.restart_clock(step)
     try:
         while step < stop_step:
@@ -261,6 +274,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v
+                nonfinite |= ~torch.isfinite(out.loss.detach())
                 count += 1
                 last_batch = (images, out)
             step += 1
@@ -268,17 +282,29 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
             if step % cfg.log_interval == 0 or step == stop_step:
                 scalars = {k: (v / count).item() for k, v in sums.items()}
                 if not all(math.isfinite(v) for v in scalars.values()):
-                    progress.message(f"non-finite loss at step {step}: {scalars}")
+                    progress.message(f"non-finite metrics at step {step}: {scalars}")
                 scalars["lr"] = max(scheduler.get_last_lr())
                 if cfg.optim.weight_decay_end is not None:
                     scalars["weight_decay"] = weight_decay_at(cfg.optim, step, total)
                 scalars["skipped_samples"] = float(skipped)
                 progress.log(step, scalars)
                 sums, count = {}, 0
+            checking = step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == stop_step
+            if checking and diverged():
+                progress.message(
+                    f"non-finite loss by step {step}: stopping without a checkpoint; the last good one is "
+                    f"{ckpt.latest() or 'none'} (lower the lr, raise warm-up, or clip gradients)"
+                )
+                exit_code = EXIT_DIVERGED
+                break
             if step % cfg.ckpt_interval == 0 and step < stop_step:
                 ckpt.save(engine, module, step, meta)
                 progress.restart_clock(step)
             if step % SIGNAL_CHECK_EVERY == 0 and step < stop_step and preempt.should_stop(device):
+                if diverged():
+                    progress.message(f"non-finite loss by step {step}: not checkpointing it")
+                    exit_code = EXIT_DIVERGED
+                    break
                 progress.message(f"signal {preempt.received or 'on another rank'}: checkpointing step {step}")
                 ckpt.save(engine, module, step, meta)
                 progress.message(f"checkpoint written; exiting with {EXIT_RESUMABLE} to be resumed")
@@ -337,6 +363,7 @@ def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | N
     except C.ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
     sys.exit(code)

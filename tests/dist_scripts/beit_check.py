@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mimscale.train import config as C  # noqa: E402
 from mimscale.train.checkpoint import Checkpointer  # noqa: E402
+from mimscale.train.distributed import shutdown_distributed  # noqa: E402
 from mimscale.train.loop import train  # noqa: E402
 
 
@@ -151,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown

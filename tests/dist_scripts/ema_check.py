@@ -35,6 +35,7 @@ import deepspeed.comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from mimscale.ema import EMATeacher, MomentumSchedule, consolidate_state_dicts, make_teacher  # noqa: E402
+from mimscale.train.distributed import shutdown_distributed  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, MICRO_BATCH = 16, 33, 7, 4
 ATOL = 1e-6  # fp32 recurrence vs a float64 reference over a handful of steps (observed ~2e-7)
@@ -304,4 +305,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown

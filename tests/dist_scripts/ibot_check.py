@@ -29,6 +29,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
+from mimscale.train.distributed import shutdown_distributed  # noqa: E402
 
 TINY = dict(
     img_size=32,
@@ -160,4 +161,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown

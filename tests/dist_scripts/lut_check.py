@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
 from mimscale.models.heads import BYOLProjectionMLP  # noqa: E402
+from mimscale.train.distributed import shutdown_distributed  # noqa: E402
 
 ATOL = 1e-5
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
@@ -174,4 +175,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown

@@ -36,6 +36,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 from mimscale import create_method  # noqa: E402
 from mimscale.train import config as C  # noqa: E402
+from mimscale.train.distributed import shutdown_distributed  # noqa: E402
 from mimscale.train.loop import train  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, drop_path_rate=0.0)
@@ -183,4 +184,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown_distributed()  # no backend thread alive at interpreter teardown
