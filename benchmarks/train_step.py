@@ -108,7 +108,7 @@ def build_engine(
     cfg = dataclasses.replace(cfg, global_batch=batch, max_micro_batch=batch)
     precision = resolve_precision(cfg.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     plan = C.plan_batch(batch, 1, batch)
-    ds_cfg = build_ds_config(user, cfg, plan, precision, C.peak_lr(cfg.optim, 4096), on_gpu)
+    ds_cfg = build_ds_config(user, cfg, plan, precision, C.peak_lr(cfg.optim, 4096))
     if unfused_adam and "torch_adam" in ds_cfg["optimizer"]["params"]:
         ds_cfg["optimizer"]["params"].pop("fused", None)
     no_decay = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()

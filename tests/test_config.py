@@ -92,7 +92,7 @@ def test_ds_config_names_resolve_to_shipped_files_and_paths_are_used_as_given(tm
     assert source == str(own)
     plan = C.plan_batch(4096, 8, 128)
     with pytest.warns(UserWarning, match="train_batch_size"):
-        ds = build_ds_config(cfg, C.TrainConfig(), plan, "bf16", 1e-3, on_gpu=True)
+        ds = build_ds_config(cfg, C.TrainConfig(), plan, "bf16", 1e-3)
     assert ds["train_batch_size"] == 4096 and ds["gradient_accumulation_steps"] == 4
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["params"]["fused"] is True

@@ -26,7 +26,7 @@ from mimscale.train.deepspeed_config import build_ds_config, load_ds_config  # n
 def ds_config(name: str, precision: str = "fp32", world: int = 8, **optim) -> dict:
     user, _ = load_ds_config(name) if isinstance(name, str) else (name, "")
     cfg = C.TrainConfig(optim=C.OptimConfig(**optim))
-    return build_ds_config(user, cfg, C.plan_batch(4096, world, 128), precision, 1e-3, on_gpu=False)
+    return build_ds_config(user, cfg, C.plan_batch(4096, world, 128), precision, 1e-3)
 
 
 @pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
@@ -124,7 +124,7 @@ def run_engine(name: str, rank: int, world: int) -> dict:
     user, _ = load_ds_config(name)
     cfg = C.TrainConfig(optim=C.OptimConfig(weight_decay=WD), global_batch=4 * world, max_micro_batch=4)
     lr = 1e-2
-    ds = build_ds_config(user, cfg, C.plan_batch(4 * world, world, 4), "fp32", lr, on_gpu=False)
+    ds = build_ds_config(user, cfg, C.plan_batch(4 * world, world, 4), "fp32", lr)
     groups, lr_scheduler = schedule(model, lr)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds, lr_scheduler=lr_scheduler

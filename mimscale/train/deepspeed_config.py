@@ -82,12 +82,9 @@ def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str
 
 
 def build_ds_config(
-    user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float, on_gpu: bool
+    user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float
 ) -> dict[str, Any]:
-    """The DeepSpeed config handed to ``deepspeed.initialize``.
-
-    ``on_gpu`` no longer changes anything (AdamW is fused on CPU too); it stays for the callers."""
-    del on_gpu
+    """The DeepSpeed config handed to ``deepspeed.initialize`` (the same on GPUs and CPUs)."""
     ds = copy.deepcopy(user_cfg)
     ours: dict[str, Any] = {
         "train_batch_size": plan.global_batch,

@@ -147,7 +147,7 @@ def train(cfg: C.TrainConfig, ds_config_spec: str, recipe_name: str) -> int:
     groups = param_groups(
         method, weight_decay_at(cfg.optim, 0, 1), method.no_weight_decay(), method.lr_frozen_params(spe)
     )
-    ds_cfg = build_ds_config(user_ds, cfg, plan, precision, peak, on_gpu)
+    ds_cfg = build_ds_config(user_ds, cfg, plan, precision, peak)
     multiplier = build_multiplier(cfg.optim, peak, C.warmup_start_lr(cfg.optim, cfg.global_batch), total, spe)
 
     def lr_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
