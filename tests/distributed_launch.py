@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import signal
 import socket
@@ -11,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mimscale.train.distributed import unlink_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,10 @@ def deepspeed_cmd(script: str | Path, args: list[str], num_ranks: int = 2) -> li
 def release_shm(cmd: list[str]) -> None:
     """Remove the /dev/shm all-reduce buffers DeepSpeed's CPU backend left for the job launched by ``cmd``.
 
-    The training loop unlinks its own (``release_shm_buffers``), but the check scripts and killed jobs
-    do not; without this every 2-rank job leaves ~130 MB of RAM in /dev/shm.
+    The training loop and the check scripts unlink their own, but a killed job does not; without this
+    every such 2-rank job leaves ~130 MB of RAM in /dev/shm.
     """
-    port = cmd[cmd.index("--master_port") + 1]
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    unlink_shm_buffers(cmd[cmd.index("--master_port") + 1])
 
 
 def run_deepspeed(

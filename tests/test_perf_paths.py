@@ -420,14 +420,12 @@ def test_loop_decodes_on_the_device_when_asked(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     import json
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from distributed_launch import run_deepspeed
+    from distributed_launch import REPO, run_deepspeed
 
-    repo = Path(__file__).resolve().parents[1]
     run_dir = tmp_path / "run"
     args = ["--smoke", "--ds_config", "zero1.json", "--output_dir", str(run_dir), "--max_steps", "3",
             "--set", "data.decode=device", "--set", "log_interval=1"]
-    proc = run_deepspeed(repo / "recipes" / "mae_vitb.py", args, timeout=900)
+    proc = run_deepspeed(REPO / "recipes" / "mae_vitb.py", args, timeout=900)
     assert "JPEG decode on cpu" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

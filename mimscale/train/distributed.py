@@ -52,23 +52,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def release_shm_buffers() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer from ``/dev/shm``.
+def unlink_shm_buffers(port: str | int, rank: str | int = "*") -> None:
+    """Unlink DeepSpeed's CPU all-reduce buffers of the job on ``port`` (one rank's, or all with ``"*"``).
 
     On the CPU accelerator DeepSpeed maps one ~66 MB shared-memory file per rank
     (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every CPU run
-    (tests, the demo, CPU smoke runs) would leave them behind until /dev/shm fills the RAM. Call after
-    the last collective, once every rank has mapped every buffer: unlinking removes only the name,
-    the mappings stay valid until the processes exit. A no-op on GPUs (no such file).
+    (tests, the demo, CPU smoke runs) would leave them behind until /dev/shm fills the RAM. Unlinking
+    removes only the name: mappings stay valid until the processes exit. A no-op on GPUs (no such file).
     """
-    if not dist.is_initialized() or not hasattr(os, "getuid"):
+    if not hasattr(os, "getuid"):
         return
-    port, rank = os.environ.get("MASTER_PORT", "*"), dist.get_rank()
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
         try:
             os.unlink(path)
         except OSError:
             pass
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's buffer (:func:`unlink_shm_buffers`). Call after the last collective, once
+    every rank has mapped every buffer."""
+    if dist.is_initialized():
+        unlink_shm_buffers(os.environ.get("MASTER_PORT", "*"), dist.get_rank())
 
 
 def shutdown_distributed() -> None:
