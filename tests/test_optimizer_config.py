@@ -187,4 +187,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        shutdown_distributed()  # no backend thread alive at interpreter teardown
+        shutdown_distributed()  # release /dev/shm, destroy the process group
