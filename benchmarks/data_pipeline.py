@@ -19,8 +19,9 @@ DataLoader worker per core):
        torch's default collate, as in facebookresearch/mae ``main_pretrain.py``.
   (c)  mimscale: ``build_train_loader`` over the shards with the MAE view
        (``build_transform({"size": 224, "scale": [0.2, 1.0]})``), producing exactly the
-       ``Batch`` the training loop consumes (uint8 [B, 3, 224, 224]; normalisation happens on
-       the device, inside the training step). Each JPEG is decoded only inside its crop box
+       ``Batch`` the training loop consumes (uint8 [B, 3, 224, 224] in channels-last memory
+       format; normalisation and the switch to NCHW happen on the device, inside the training
+       step). Each JPEG is decoded only inside its crop box
        (libjpeg-turbo through the ``mimscale.data._jpeg_region`` extension; the header line says
        whether it is built). (c*) is the same with ``fast_decode=True``.
   (d)  with CUDA only: the GPU decode option (``JpegCropSampler`` workers + ``GpuJpegDecoder``),
@@ -178,7 +179,8 @@ def mimscale_stream(
     )
     for b in loader:
         if not check:
-            check.append(f"{tuple(b.images.shape)} {b.images.dtype} contiguous={b.images.is_contiguous()}")
+            layout = "channels_last" if b.images.is_contiguous(memory_format=torch.channels_last) else "other"
+            check.append(f"{tuple(b.images.shape)} {b.images.dtype} {layout}")
         yield len(b)
 
 

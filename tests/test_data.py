@@ -43,6 +43,7 @@ from mimscale.data.transforms import (
     Views,
     build_transform,
     crop_params,
+    is_channels_last,
     to_chw,
 )
 
@@ -307,7 +308,8 @@ def test_loader_shapes_dtypes_labels_one_pass(demo_spec: str) -> None:
     for b in batches:
         assert isinstance(b, Batch)
         assert b.images.dtype == torch.uint8 and b.images.shape == (8, 3, 24, 24)
-        assert b.images.is_contiguous()
+        # interleaved pixels, as the resize writes them; normalize_on_device makes them NCHW
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
         assert b.labels.dtype == torch.int64 and b.skipped == 0
     labels = torch.cat([b.labels for b in batches])
     assert torch.bincount(labels).tolist() == [16, 16, 16, 16]  # every sample exactly once
@@ -421,6 +423,13 @@ def test_normalize_on_device() -> None:
         normalize_on_device(x.float(), "cpu")
 
 
+def test_normalize_on_device_turns_channels_last_batches_into_contiguous_nchw() -> None:
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out = normalize_on_device(x_cl, "cpu", dtype=torch.bfloat16)
+    assert out.is_contiguous() and torch.equal(out, normalize_on_device(x, "cpu", dtype=torch.bfloat16))
+
+
 # ----------------------------------------------------------------------------------------------
 # transforms
 
@@ -474,7 +483,7 @@ def test_dct_scaled_fast_path_close_to_full_decode(
     transform = RandomResizedCropFlip(size, scale=scale, hflip=0.0, dct_margin=margin)
     for seed in range(6):
         fast = transform(data, np.random.default_rng(seed))
-        assert fast.dtype == np.uint8 and fast.shape == (3, size, size) and fast.flags["C_CONTIGUOUS"]
+        assert fast.dtype == np.uint8 and fast.shape == (3, size, size) and is_channels_last(fast)
         top, left, h, w = crop_params(
             height, width, transform.scale, transform.ratio, np.random.default_rng(seed)
         )

@@ -22,8 +22,21 @@ import torchvision.transforms as T
 from PIL import Image
 
 from mimscale.data.gpu_decode import EncodedBatch, GpuJpegDecoder, JpegCropSampler, build_gpu_decode_transform
-from mimscale.data.pipeline import TarFormatError, build_train_loader, iter_tar_members, stack_uint8
-from mimscale.data.transforms import RandomResizedCropFlip, Views, build_transform, crop_params, to_chw
+from mimscale.data.pipeline import (
+    TarFormatError,
+    build_train_loader,
+    empty_uint8_batch,
+    iter_tar_members,
+    stack_uint8,
+)
+from mimscale.data.transforms import (
+    RandomResizedCropFlip,
+    Views,
+    build_transform,
+    crop_params,
+    is_channels_last,
+    to_chw,
+)
 from mimscale.flops import (
     attention_flops,
     count_flops,
@@ -160,7 +173,7 @@ def test_fast_resize_equals_pil_bicubic_on_the_same_box(photo_jpegs: list[bytes]
     top, left, h, w = box
     ref = to_chw(pil.resize((224, 224), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)))
     out = resize_crop_uint8(arr, box, (224, 224)).numpy()
-    assert out.dtype == np.uint8 and out.shape == (3, 224, 224) and out.flags["C_CONTIGUOUS"]
+    assert out.dtype == np.uint8 and out.shape == (3, 224, 224) and is_channels_last(out)
     diff = np.abs(out.astype(np.int16) - ref.astype(np.int16))
     assert diff.mean() < 0.6, diff.mean()
     assert np.percentile(diff, 99) <= 4
@@ -334,9 +347,88 @@ def test_worker_collate_in_shared_memory_equals_in_process(tmp_path: Path, photo
     ]
     for x, y in zip(a, b):
         assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
-        assert y.images.is_contiguous() and y.images.dtype == torch.uint8
+        assert y.images.is_contiguous(memory_format=torch.channels_last) and y.images.dtype == torch.uint8
     arrays = [np.full((3, 2, 2), i, np.uint8) for i in range(3)]
     assert torch.equal(stack_uint8(arrays), torch.from_numpy(np.stack(arrays)))
+
+
+def test_stack_keeps_interleaved_arrays_channels_last_and_planar_arrays_contiguous() -> None:
+    rng = np.random.default_rng(0)
+    hwc = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
+    interleaved = [a.transpose(2, 0, 1) for a in hwc]  # [3, 5, 7] views, as the transforms return
+    planar = [np.ascontiguousarray(a) for a in interleaved]
+    expected = torch.from_numpy(np.stack(planar))
+    cl = stack_uint8(interleaved)
+    assert cl.shape == (4, 3, 5, 7) and cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl, expected)
+    flat = stack_uint8(planar)
+    assert flat.is_contiguous() and torch.equal(flat, expected)
+
+
+def test_crop_flip_returns_interleaved_chw_equal_to_planar_reference(photo_jpegs: list[bytes]) -> None:
+    """The transform's [3, H, W] output has channels-last strides (no planar repacking in the worker)
+    and the same values on both the libjpeg-turbo and the PIL path."""
+    tf = RandomResizedCropFlip(40, scale=(0.3, 1.0))
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpegs[0])).save(png, format="PNG")
+    for data in (*photo_jpegs[:3], png.getvalue()):
+        for seed in range(4):
+            out = tf(data, np.random.default_rng(seed))
+            assert out.shape == (3, 40, 40) and out.dtype == np.uint8 and is_channels_last(out)
+            ref = np.asarray(tf.crop_image(data, np.random.default_rng(seed))).transpose(2, 0, 1)
+            assert np.array_equal(out, ref)
+
+
+def test_write_into_a_batch_slot_equals_call_on_every_path(photo_jpegs: list[bytes]) -> None:
+    """``write`` (what the loader uses for single-crop transforms) fills a channels-last batch slot with
+    exactly what ``__call__`` returns from the same draws: crop-region decode, reduced DCT decode
+    (large photo), crop already at the output size, PIL fallback (PNG), flipped or not."""
+    big = _jpeg(_photo().resize((1600, 1200), Image.Resampling.BICUBIC))
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpegs[0])).save(png, format="PNG")
+    tiny = _jpeg(_photo().resize((40, 40), Image.Resampling.BICUBIC))
+    cases = [
+        (RandomResizedCropFlip(56, scale=(0.2, 1.0)), [*photo_jpegs, png.getvalue()]),
+        (RandomResizedCropFlip(224, scale=(0.5, 1.0)), [big]),
+        (RandomResizedCropFlip(40, scale=(1.0, 1.0), ratio=(1.0, 1.0)), [tiny]),
+    ]
+    for tf, datas in cases:
+        batch = empty_uint8_batch((2, *tf.output_shape), channels_last=True)
+        for data in datas:
+            for seed in range(6):
+                tf.write(data, np.random.default_rng(seed), batch[1])
+                assert np.array_equal(batch[1].numpy(), tf(data, np.random.default_rng(seed)))
+    with pytest.raises(ValueError, match=r"shape \(3, 56, 56\)"):
+        cases[0][0].write(photo_jpegs[0], np.random.default_rng(0), torch.empty(3, 32, 32, dtype=torch.uint8))
+
+
+class _NoWrite:
+    """The same transform seen as a plain callable: the loader stacks its returned arrays instead."""
+
+    def __init__(self, tf: RandomResizedCropFlip) -> None:
+        self.tf = tf
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        return self.tf(data, rng)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_loader_writing_into_batches_equals_stacking_returned_arrays(
+    tmp_path: Path, photo_jpegs: list[bytes], drop_last: bool
+) -> None:
+    """Batches filled slot by slot (``write``) equal stacked ``__call__`` outputs, with a corrupt sample
+    skipped and counted on both paths and the short last batch kept when ``drop_last`` is off."""
+    jpegs = [*photo_jpegs, b"\xff\xd8 not a jpeg", *photo_jpegs, photo_jpegs[0]]  # 10 samples, 1 bad
+    _write_shard(tmp_path / "s.tar", jpegs)
+    tf = RandomResizedCropFlip(48, scale=(0.3, 1.0))
+    kwargs = dict(seed=5, rank=0, world_size=1, num_workers=0, shuffle_buffer=0, resampled=False)
+    a = list(build_train_loader(str(tmp_path / "s.tar"), tf, 4, drop_last=drop_last, **kwargs))
+    b = list(build_train_loader(str(tmp_path / "s.tar"), _NoWrite(tf), 4, drop_last=drop_last, **kwargs))
+    assert [len(x) for x in a] == [len(y) for y in b] == ([4, 4] if drop_last else [4, 4, 1])
+    assert sum(x.skipped for x in a) == sum(y.skipped for y in b) == 1
+    for x, y in zip(a, b):
+        assert x.images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
 
 
 # ----------------------------------------------------------------------------------------------
