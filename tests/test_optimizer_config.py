@@ -182,9 +182,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from mimscale.train.distributed import shutdown_distributed
+    from mimscale.train.distributed import run_and_exit
 
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization

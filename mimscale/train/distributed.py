@@ -6,9 +6,14 @@ exports ``MASTER_ADDR``/``MASTER_PORT`` from the allocation (see launch_scripts/
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -77,14 +82,75 @@ def release_shm_buffers() -> None:
 
 
 def shutdown_distributed() -> None:
-    """End of a process: release the /dev/shm buffers and destroy the process group.
+    """Release this rank's /dev/shm buffers and destroy the process group (idempotent).
 
-    An orderly end instead of leaving the backends' threads to interpreter teardown. (Rarely, a gloo
-    rank on CPU still aborts after its work with "terminate called without an active exception",
-    status -6; seen twice in ~300 CI jobs, not reproduced in 40 runs under gdb, cause not found.) Call
-    once, as the process ends (DeepSpeed does not re-initialise a destroyed group in the same process).
+    Not enough on its own to end a gloo rank safely: see :func:`exit_process`, which the recipes and the
+    2-rank check scripts end with (through :func:`run_and_exit`). DeepSpeed does not re-initialise a
+    destroyed group in the same process, so call it only as the process ends.
     """
     if not dist.is_initialized():
         return
     release_shm_buffers()
     dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End the process with ``code`` without Python's interpreter finalization: run the atexit handlers,
+    flush stdout/stderr, then ``os._exit(code)``.
+
+    Why: ProcessGroupGloo runs every collective on a worker thread (``pt_gloo_runloop``) that drops its
+    reference to a finished work (and so to the work's tensors) only after the caller's ``wait()`` has
+    returned. When the Python side of such a tensor is already gone, that last release has to take the
+    GIL to free the tensor's PyObject (``c10::TensorImpl::decref_pyobject``). torch checks
+    ``Py_IsInitialized()`` before taking it; if the main thread starts finalizing between that check and
+    the GIL hand-over (a starved worker, e.g. on a loaded 2-core CI machine), CPython 3.11 makes the worker
+    ``pthread_exit()`` inside ``take_gil``, the forced unwind reaches a ``noexcept`` destructor and libstdc++
+    calls ``std::terminate``: "terminate called without an active exception", status -6, after all the
+    work succeeded. ``destroy_process_group()`` does not stop or join gloo's worker threads (the backend
+    objects live on while DeepSpeed's groups and engines reference them), so only not finalizing helps:
+    ``os._exit`` ends the process while those threads are still parked. Nothing is lost: the atexit
+    handlers run first (the interpreter is fully alive then), the collectives have completed, checkpoints
+    and metrics are written with closed files, and the status is passed on unchanged.
+    """
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken stream must not change the exit status
+                pass
+        os._exit(code)
+
+
+def exit_code(exc: BaseException | None) -> int:
+    """The status Python itself would exit with after ``exc`` (None: success); prints what it would print."""
+    if exc is None:
+        return 0
+    if isinstance(exc, SystemExit):
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        print(exc.code, file=sys.stderr)
+        return 1
+    traceback.print_exception(exc)
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def run_and_exit(main: Callable[[], object]) -> NoReturn:
+    """Run ``main()`` as a distributed process's whole program: then :func:`shutdown_distributed` and
+    :func:`exit_process` with the status Python would have exited with (0; a ``SystemExit``'s code; 1 and
+    the traceback for an exception -- failed asserts included)."""
+    error: BaseException | None = None
+    try:
+        main()
+    except BaseException as e:  # noqa: BLE001 -- reported and turned into the exit status below
+        error = e
+    code = exit_code(error)
+    try:
+        shutdown_distributed()
+    except BaseException as e:  # noqa: BLE001
+        traceback.print_exception(e)
+        code = code or 1
+    exit_process(code)

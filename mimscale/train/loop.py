@@ -23,7 +23,13 @@ from mimscale.train import config as C
 from mimscale.train.checkpoint import Checkpointer
 from mimscale.train.cpu_ranks import configure_cpu_rank
 from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision, zero_stage
-from mimscale.train.distributed import barrier, init_distributed, release_shm_buffers, shutdown_distributed
+from mimscale.train.distributed import (
+    barrier,
+    exit_process,
+    init_distributed,
+    release_shm_buffers,
+    shutdown_distributed,
+)
 from mimscale.train.preemption import EXIT_RESUMABLE, PreemptionHandler
 from mimscale.train.progress import ProgressLogger
 from mimscale.train.schedule import build_multiplier
@@ -366,4 +372,4 @@ def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | N
     shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
-    sys.exit(code)
+    exit_process(code)  # not sys.exit: a gloo rank can abort in interpreter finalization (see exit_process)

@@ -33,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mimscale.train import config as C  # noqa: E402
 from mimscale.train.checkpoint import Checkpointer  # noqa: E402
-from mimscale.train.distributed import shutdown_distributed  # noqa: E402
+from mimscale.train.distributed import run_and_exit  # noqa: E402
 from mimscale.train.loop import train  # noqa: E402
 
 
@@ -152,7 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization

@@ -35,7 +35,7 @@ import deepspeed.comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from mimscale.ema import EMATeacher, MomentumSchedule, consolidate_state_dicts, make_teacher  # noqa: E402
-from mimscale.train.distributed import shutdown_distributed  # noqa: E402
+from mimscale.train.distributed import run_and_exit  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, MICRO_BATCH = 16, 33, 7, 4
 ATOL = 1e-6  # fp32 recurrence vs a float64 reference over a handful of steps (observed ~2e-7)
@@ -305,7 +305,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization

@@ -29,7 +29,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
-from mimscale.train.distributed import shutdown_distributed  # noqa: E402
+from mimscale.train.distributed import run_and_exit  # noqa: E402
 
 TINY = dict(
     img_size=32,
@@ -161,7 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization

@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
 from mimscale.models.heads import BYOLProjectionMLP  # noqa: E402
-from mimscale.train.distributed import shutdown_distributed  # noqa: E402
+from mimscale.train.distributed import run_and_exit  # noqa: E402
 
 ATOL = 1e-5
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
@@ -175,7 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization

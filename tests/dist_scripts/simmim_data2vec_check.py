@@ -36,7 +36,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 from mimscale import create_method  # noqa: E402
 from mimscale.train import config as C  # noqa: E402
-from mimscale.train.distributed import shutdown_distributed  # noqa: E402
+from mimscale.train.distributed import run_and_exit  # noqa: E402
 from mimscale.train.loop import train  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, drop_path_rate=0.0)
@@ -184,7 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown_distributed()  # release /dev/shm, destroy the process group
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization
