@@ -400,9 +400,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        from mimscale.train.distributed import release_shm_buffers
+    from mimscale.train.distributed import run_and_exit
 
-        release_shm_buffers()
+    run_and_exit(main)  # then release /dev/shm, destroy the process group, exit without finalization
