@@ -366,9 +366,10 @@ def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | N
     t0 = time.time()
     try:
         code = train(cfg, args.ds_config, name)
-    except C.ConfigError as e:
+    except C.ConfigError as e:  # may come after the process group exists: end like a finished run
         print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        shutdown_distributed()
+        exit_process(2)
     shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
