@@ -368,9 +368,9 @@ def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | N
         code = train(cfg, args.ds_config, name)
     except C.ConfigError as e:  # may come after the process group exists: end like a finished run
         print(f"{name}: error: {e}", file=sys.stderr)
-        shutdown_distributed()
-        exit_process(2)
+        code = 2
+    else:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
     shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)
     exit_process(code)  # not sys.exit: a gloo rank can abort in interpreter finalization (see exit_process)
