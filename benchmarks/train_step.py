@@ -60,7 +60,12 @@ from mimscale.train.cpu_ranks import flush_denormals, retain_freed_memory  # noq
 
 
 def load_recipe(name: str) -> Any:
-    path = Path(name) if name.endswith(".py") else ROOT / "recipes" / f"{name}.py"
+    """A registered recipe's config by name (``mae_vitl``), or the ``CONFIG`` of a recipe file path."""
+    from mimscale.recipes import load_recipe as registered
+
+    if not name.endswith(".py"):
+        return registered(name)
+    path = Path(name)
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"no recipe at {path}")
@@ -93,30 +98,25 @@ def build_engine(
     compile_: bool,
     unfused_adam: bool = False,
 ) -> Any:
-    """A world-size-1 DeepSpeed engine configured as the training loop configures it (for any module whose
-    forward takes the image batch and returns an object with ``.loss``: a mimscale method, or HF's MAE).
+    """A world-size-1 DeepSpeed engine built by the trainer's own :func:`mimscale.train.optim.build_engine`
+    (for any module whose forward takes the image batch and returns an object with ``.loss``: a mimscale
+    method, or HF's MAE), with the recipe's optimizer and schedule at batch ``batch``.
 
     ``unfused_adam``: torch AdamW without its fused kernel (the loop's CPU optimizer before it was fused).
     """
-    import deepspeed
-
     from mimscale.train import config as C
-    from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision
-    from mimscale.train.loop import param_groups, weight_decay_at
+    from mimscale.train.deepspeed_config import load_ds_config
+    from mimscale.train.optim import build_engine as trainer_engine
 
     user, _ = load_ds_config(ds_config)
-    cfg = dataclasses.replace(cfg, global_batch=batch, max_micro_batch=batch)
-    precision = resolve_precision(cfg.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    plan = C.plan_batch(batch, 1, batch)
-    ds_cfg = build_ds_config(user, cfg, plan, precision, C.peak_lr(cfg.optim, 4096))
-    if unfused_adam and "torch_adam" in ds_cfg["optimizer"]["params"]:
-        ds_cfg["optimizer"]["params"].pop("fused", None)
-    no_decay = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
-    groups = param_groups(method, weight_decay_at(cfg.optim, 0, 1), no_decay)
-    engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_cfg)
-    if compile_:
-        engine.compile()
-    return engine
+    cfg = dataclasses.replace(cfg, global_batch=batch, max_micro_batch=batch, compile=compile_)
+    plan = C.plan_run(cfg, 1, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+
+    def unfuse(ds_cfg: dict[str, Any]) -> None:
+        if unfused_adam and "torch_adam" in ds_cfg["optimizer"]["params"]:
+            ds_cfg["optimizer"]["params"].pop("fused", None)
+
+    return trainer_engine(method, cfg, plan, user, adjust_ds_config=unfuse).engine
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:

@@ -2,7 +2,7 @@
 #
 # It provides, in order of use:
 #   the software environment  MIMSCALE_ENV (file or venv to source) or <repo>/.venv, then MIMSCALE_PYTHON
-#   mimscale_resolve_recipe   mae_vitl | recipes/mae_vitl.py -> a path
+#   mimscale_recipe_command   mae_vitl | recipes/mae_vitl.py -> the interpreter arguments that run it
 #   mimscale_dist_env         MASTER_ADDR / MASTER_PORT from the allocation
 #   mimscale_srun             one process per task with RANK, LOCAL_RANK, WORLD_SIZE set
 #   mimscale_run_resumable    the preemption protocol: forward USR1/TERM, requeue on exit 75
@@ -60,13 +60,30 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1
 MIMSCALE_MAX_REQUEUES=${MIMSCALE_MAX_REQUEUES:-20}
 
-# mimscale_resolve_recipe NAME_OR_PATH -> prints the recipe file
-mimscale_resolve_recipe() {
-    local r=$1
-    for cand in "$r" "$MIMSCALE_ROOT/$r" "$MIMSCALE_ROOT/recipes/$r" "$MIMSCALE_ROOT/recipes/$r.py"; do
-        if [[ -f $cand ]]; then printf '%s\n' "$cand"; return 0; fi
-    done
-    mimscale_log "no recipe '$r' (looked in . and $MIMSCALE_ROOT/recipes)" >&2
+# mimscale_recipe_command NAME_OR_PATH : sets MIMSCALE_RECIPE_CMD (the interpreter's arguments) and
+# MIMSCALE_RECIPE_NAME. A name (mae_vitl) runs the registered recipe, `python -m mimscale.recipes NAME`
+# (mimscale.recipes.load_recipe); a path (recipes/mae_vitl.py, or a recipe file of your own) runs that file.
+mimscale_recipe_command() {
+    local r=$1 cand
+    if [[ $r == *.py || $r == */* ]]; then
+        for cand in "$r" "$MIMSCALE_ROOT/$r"; do
+            if [[ -f $cand ]]; then
+                MIMSCALE_RECIPE_CMD=("$cand")
+                MIMSCALE_RECIPE_NAME=$(basename "$cand" .py)
+                return 0
+            fi
+        done
+        mimscale_log "no recipe file '$r' (looked in . and $MIMSCALE_ROOT)" >&2
+        return 2
+    fi
+    if "$MIMSCALE_PYTHON" -c 'import sys; from mimscale.recipes import list_recipes
+sys.exit(0 if sys.argv[1] in list_recipes() else 1)' "$r" 2>/dev/null; then
+        MIMSCALE_RECIPE_CMD=(-m mimscale.recipes "$r")
+        MIMSCALE_RECIPE_NAME=$r
+        return 0
+    fi
+    mimscale_log "no recipe '$r': known recipes are $("$MIMSCALE_PYTHON" -c \
+        'from mimscale.recipes import list_recipes; print(" ".join(list_recipes()))' 2>/dev/null)" >&2
     return 2
 }
 
@@ -85,7 +102,8 @@ mimscale_arg_value() {
 # ---------------------------------------------------------------- distributed environment
 mimscale_dist_env() {
     # Rank 0 runs on the first node of the allocation; the port is derived from the job id so
-    # that jobs sharing a node never collide, and stays in 15000-29999 (below the ephemeral range).
+    # that jobs sharing a node never collide, and stays in 15000-29999 (below the ephemeral range):
+    # the formula of mimscale.train.distributed.slurm_master_port (a test keeps them equal).
     MASTER_ADDR=${MIMSCALE_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
     MASTER_PORT=${MIMSCALE_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
     export MASTER_ADDR MASTER_PORT

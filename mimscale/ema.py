@@ -14,22 +14,16 @@ as a submodule) that updates the teacher after every optimizer step:
 * Float buffers (BatchNorm running statistics; LUT averages them too) are averaged the same way; integer
   buffers (``num_batches_tracked``) are copied.
 
-In a method (before ``deepspeed.initialize``)::
+Methods do not use these pieces directly: :class:`mimscale.methods.teacher.EMATeacherMixin` builds the
+teacher with :func:`make_teacher`, owns the :class:`EMATeacher`, calls :meth:`EMATeacher.update` after each
+optimizer step and puts :meth:`EMATeacher.state_dict` into the method's per-rank checkpoint state, which
+the trainer's checkpointer writes beside DeepSpeed's shards (``extra_rank{rank}.pt``) and restores after
+``engine.load_checkpoint`` (which may itself overwrite the teacher). Used alone::
 
-    self.student = nn.ModuleDict({"encoder": encoder, "head": head})
-    self.teacher = make_teacher(self.student)
-    self.ema = EMATeacher(self.student, self.teacher, MomentumSchedule("cosine", 0.996, 1.0))
-
-    def after_optimizer_step(self, step, total_steps, engine=None):
-        self.ema.update(step, total_steps)      # step: 1-based count of completed optimizer steps
-
-In the training loop, on every rank::
-
-    engine.save_checkpoint(save_dir, tag)
-    torch.save(method.ema.state_dict(), f"{save_dir}/{tag}/ema_rank{rank}.pt")
-    ...
-    engine.load_checkpoint(save_dir, tag)      # first: it may overwrite the teacher
-    method.ema.load_state_dict(torch.load(f"{save_dir}/{tag}/ema_rank{rank}.pt", map_location="cpu"))
+    teacher = make_teacher(student)                  # before deepspeed.initialize
+    ema = EMATeacher(student, teacher, MomentumSchedule("cosine", 0.996, 1.0))
+    ...                                              # after each engine.step(), on every rank:
+    ema.update(engine.global_steps, total_steps)
 """
 
 from __future__ import annotations
@@ -45,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mimscale.dist import get_rank
 
 __all__ = ["MomentumSchedule", "EMATeacher", "make_teacher", "consolidate_state_dicts"]
 
@@ -136,7 +132,11 @@ def make_teacher(student: nn.Module) -> nn.Module:
         p.requires_grad_(False)
         p.grad = None
     teacher.eval()
-    teacher.register_forward_pre_hook(_stay_in_eval)
+    # A container (ModuleDict/ModuleList: iBOT's and LUT's encoder + head) is never called itself: hook the
+    # modules that are.
+    hooked = list(teacher.children()) if isinstance(teacher, (nn.ModuleDict, nn.ModuleList)) else [teacher]
+    for m in hooked:
+        m.register_forward_pre_hook(_stay_in_eval)
     return teacher
 
 
@@ -174,12 +174,6 @@ def _teacher_storage(p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("EMATeacher: teacher partitions offloaded to NVMe are not supported; "
                                   "use offload_param device 'cpu' or 'none'.")
     return part.data
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 class EMATeacher:
@@ -394,15 +388,15 @@ class EMATeacher:
     def state_dict(self) -> dict[str, Any]:
         """This rank's shadow (fp32, on CPU) with the last step and momentum.
 
-        Under ZeRO-3 the tensors are this rank's flat partitions; save one file per rank (the training
-        loop writes ``ema_rank{rank}.pt`` into the checkpoint's tag directory). ``layout`` records each
-        parameter's full shape and partition so :func:`consolidate_state_dicts` can merge the files.
+        Under ZeRO-3 the tensors are this rank's flat partitions; save one file per rank (the trainer's
+        checkpointer writes it into ``extra_rank{rank}.pt`` of the checkpoint's tag directory). ``layout``
+        records each parameter's full shape and partition so :func:`consolidate_state_dicts` can merge them.
         """
         self._ensure_init()
         _, t_params, _, _ = self._resolve()
         return {
             "version": STATE_VERSION,
-            "rank": _rank(),
+            "rank": get_rank(),
             "step": self._step,
             "momentum": self._momentum,
             "schedule": dataclasses.asdict(self.schedule),

@@ -16,11 +16,10 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mimscale.train.checkpoint import resolve_checkpoint
+from mimscale.runs import RunMeta, resolve_checkpoint
 
 
 def consolidate(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
@@ -40,11 +39,9 @@ def consolidate(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
     }
 
 
-def read_meta(root: str | Path, tag: str) -> dict[str, Any]:
-    path = Path(root) / tag / "mimscale.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a mimscale checkpoint")
-    return json.loads(path.read_text())
+def read_meta(root: str | Path, tag: str) -> RunMeta:
+    """The :class:`~mimscale.runs.RunMeta` of checkpoint ``tag`` under ``root``."""
+    return RunMeta.read(Path(root) / tag)
 
 
 def export_checkpoint(
@@ -60,19 +57,19 @@ def export_checkpoint(
     meta = read_meta(root, tag)
     sd = consolidate(root, tag)
     if encoder_only:
-        prefix = meta["encoder_prefix"]
+        prefix = meta.encoder_prefix
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
             raise RuntimeError(f"no encoder weights under {prefix!r} in {root / tag}")
     metadata = {
         "format": "pt",
-        "mimscale.method": meta["method"],
+        "mimscale.method": meta.method,
         "mimscale.encoder_only": str(bool(encoder_only)).lower(),
-        "mimscale.encoder_prefix": "" if encoder_only else meta["encoder_prefix"],
-        "timm.model_name": meta["timm.model_name"],
-        "timm.kwargs": json.dumps(meta["timm.kwargs"], sort_keys=True),
-        "step": str(meta["step"]),
-        "config": json.dumps(meta["config"], sort_keys=True),
+        "mimscale.encoder_prefix": "" if encoder_only else meta.encoder_prefix,
+        "timm.model_name": meta.timm_model_name,
+        "timm.kwargs": json.dumps(meta.timm_kwargs, sort_keys=True),
+        "step": str(meta.step),
+        "config": json.dumps(meta.config, sort_keys=True),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp.{os.getpid()}")

@@ -10,9 +10,11 @@ activation checkpointing the hardware does a fourth forward, which MFU deliberat
 
 Two ways to get the number, which tests cross-check:
 
-* :func:`method_flops`: analytic, from the method's shapes. MAE's encoder runs on the ``1 + K``
-  kept tokens only (``K = int(L * (1 - mask_ratio))``), its decoder on ``1 + L``; the full-token
-  methods (SimMIM, BEiT, iBOT, data2vec) run the encoder on ``1 + L`` tokens.
+* :func:`method_flops`: analytic, from what the method says its encoder sees
+  (:meth:`~mimscale.methods.base.Method.encoder_passes`: MAE's and LUT's encoders run on the
+  ``1 + K`` kept tokens only, ``K = int(L * (1 - mask_ratio))``; the full-token methods on ``1 + L``;
+  iBOT also on its local crops; teachers forward only) plus the heads it models
+  (:meth:`~mimscale.methods.base.Method.head_flops`: MAE's decoder on ``1 + L``).
 * :func:`count_flops`: ``torch.utils.flop_counter.FlopCounterMode`` around a callable. PyTorch's
   counter has formulas for the CUDA fused attention kernels (flash, memory-efficient, cuDNN) but
   not for the CPU flash kernel ``F.scaled_dot_product_attention`` dispatches to on CPU, so on CPU
@@ -29,6 +31,7 @@ import torch
 from torch.utils import flop_counter as _fc
 
 __all__ = [
+    "EncoderPass",
     "FlopReport",
     "PEAK_BF16_TFLOPS",
     "attention_flops",
@@ -123,57 +126,68 @@ def mae_decoder_flops(
     )
 
 
+@dataclass(frozen=True)
+class EncoderPass:
+    """One run of the method's encoder per image: ``patches`` embedded by the patch projection, ``tokens``
+    (CLS included) through the blocks, ``repeats`` times per image (views, crops), ``trained`` False for a
+    forward-only teacher pass (no backward)."""
+
+    patches: int
+    tokens: int
+    repeats: int = 1
+    trained: bool = True
+
+
 @dataclass
 class FlopReport:
-    """Forward FLOPs per image, by part; ``train`` is 3x the forward (forward + backward)."""
+    """Forward FLOPs per image, by part. ``train`` counts a trained part three times (forward + backward)
+    and a forward-only part (``teacher``) once."""
 
     forward: int
     parts: dict[str, int] = field(default_factory=dict)
+    forward_only: int = 0  # the part of ``forward`` that has no backward (EMA teachers)
 
     @property
     def train(self) -> int:
-        return 3 * self.forward
+        return 3 * (self.forward - self.forward_only) + self.forward_only
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in self.parts.items())
         return f"{self.forward / 1e9:.2f} GFLOPs/image forward ({parts}), {self.train / 1e9:.2f} train"
 
 
-def _mlp_ratio(block: Any, dim: int) -> float:
+def mlp_ratio_of(block: Any, dim: int) -> float:
+    """A timm block's MLP expansion (``fc1`` width over the embedding width); 4 when it has none."""
     fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
     return fc1.out_features / dim if fc1 is not None else 4.0
 
 
 def method_flops(method: torch.nn.Module) -> FlopReport:
-    """Analytic forward FLOPs per image of a mimscale method's encoder (and MAE's decoder).
+    """Analytic forward FLOPs per image of a mimscale method: every encoder pass it declares
+    (:meth:`~mimscale.methods.base.Method.encoder_passes`) and the heads it models
+    (:meth:`~mimscale.methods.base.Method.head_flops`, e.g. MAE's decoder).
 
-    Heads other than MAE's decoder (SimMIM's 1x1 conv, iBOT's projection head, ...) are not
-    modelled here; use :func:`count_flops` for the exact total of any method.
+    Heads a method does not model (SimMIM's 1x1 conv, iBOT's projection head, ...) are left out; use
+    :func:`count_flops` for the exact total of any method.
     """
     enc = method.encoder
-    dim, grid, p, c = enc.embed_dim, enc.grid, enc.patch_size, enc.in_chans
-    num_patches = grid[0] * grid[1]
+    dim, p, c = enc.embed_dim, enc.patch_size, enc.in_chans
     depth = len(enc.blocks)
-    mlp = _mlp_ratio(enc.blocks[0], dim)
-    parts = {"patch_embed": linear_flops(num_patches, p * p * c, dim)}
-    decoder = getattr(method, "decoder", None)
-    masker = getattr(method, "masker", None)
-    if getattr(method, "name", "") == "mae" and decoder is not None:
-        kept = int(num_patches * (1 - float(masker.mask_ratio)))
-        parts["encoder"] = vit_encoder_flops(1 + kept, dim, depth, mlp)
-        dec_dim = decoder.decoder_embed.out_features
-        parts["decoder"] = mae_decoder_flops(
-            kept,
-            num_patches,
-            dim,
-            dec_dim,
-            len(decoder.decoder_blocks),
-            decoder.decoder_pred.out_features,
-            _mlp_ratio(decoder.decoder_blocks[0], dec_dim) if len(decoder.decoder_blocks) else 4.0,
-        )
-    else:
-        parts["encoder"] = vit_encoder_flops(1 + num_patches, dim, depth, mlp)
-    return FlopReport(sum(parts.values()), parts)
+    mlp = mlp_ratio_of(enc.blocks[0], dim)
+    parts = {"patch_embed": 0, "encoder": 0}
+    teacher = 0
+    for ps in method.encoder_passes():
+        embed = ps.repeats * linear_flops(ps.patches, p * p * c, dim)
+        blocks = ps.repeats * vit_encoder_flops(ps.tokens, dim, depth, mlp)
+        if ps.trained:
+            parts["patch_embed"] += embed
+            parts["encoder"] += blocks
+        else:
+            teacher += embed + blocks
+    parts.update(method.head_flops())
+    if teacher:
+        parts["teacher"] = teacher
+    return FlopReport(sum(parts.values()), parts, forward_only=teacher)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,33 +1,11 @@
-"""MAE ViT-B/16 pretraining (He et al. 2022, Table 8 / App. A.1): 800 epochs, batch 4096.
+"""MAE ViT-B/16 pretraining: the numbers and their sources are in ``mimscale/recipes/mae.py``.
 
-deepspeed recipes/mae_vitb.py --ds_config zero2.json --data '/data/in1k/train-{000000..001281}.tar'
+    deepspeed recipes/mae_vitb.py --ds_config zero2.json --data '/data/in1k/train-{000000..001281}.tar'
 """
 
-from mimscale.train import DataConfig, OptimConfig, TrainConfig, run
+from mimscale.recipes import load_recipe, run_recipe
 
-CONFIG = TrainConfig(
-    method="mae",
-    model=dict(
-        model_name="vit_base_patch16_224",
-        mask_ratio=0.75,
-        norm_pix_loss=True,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    ),
-    data=DataConfig(crop_scale=(0.2, 1.0)),
-    optim=OptimConfig(
-        blr=1.5e-4,
-        lr_scaling="linear",
-        base_batch=256,
-        betas=(0.9, 0.95),
-        weight_decay=0.05,
-        warmup_epochs=40,
-        epochs=800,
-    ),
-    global_batch=4096,
-    max_micro_batch=256,
-)
+CONFIG = load_recipe("mae_vitb")
 
 if __name__ == "__main__":
-    run(CONFIG)
+    run_recipe("mae_vitb")

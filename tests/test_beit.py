@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,11 +30,11 @@ from mimscale.models.tokenizer import (
     load_dalle_pickle,
     load_tokenizer,
 )
-from mimscale.train.loop import param_groups
+from mimscale.train.optim import param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+TINY_VIT = tiny(embed_dim=32, num_heads=2)
 
 
 # ------------------------------------------------------------------------- the official DALL-E layout

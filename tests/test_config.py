@@ -8,12 +8,14 @@ import sys
 
 import pytest
 import torch
+from conftest import load_recipe, tiny_method_kwargs
 from distributed_launch import REPO
 
+from mimscale.runs import atomic_write_text, read_latest, resolve_checkpoint
 from mimscale.train import config as C
-from mimscale.train.checkpoint import Checkpointer, atomic_write_text, read_latest, resolve_checkpoint
+from mimscale.train.checkpoint import Checkpointer
 from mimscale.train.deepspeed_config import build_ds_config, load_ds_config, resolve_precision
-from mimscale.train.loop import param_groups, weight_decay_at
+from mimscale.train.optim import param_groups, weight_decay_at
 from mimscale.train.schedule import LRMultiplier
 
 
@@ -36,12 +38,7 @@ def test_indivisible_global_batch_names_the_values():
 
 
 def test_mae_recipe_holds_the_papers_numbers():
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("mae_vitl", REPO / "recipes" / "mae_vitl.py")
-    mod = module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.CONFIG
+    cfg = load_recipe("mae_vitl")
     assert cfg.global_batch == 4096 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
     assert C.peak_lr(cfg.optim, cfg.global_batch) == pytest.approx(1.5e-4 * 4096 / 256)
     assert cfg.optim.warmup_epochs == 40 and cfg.data.crop_scale == (0.2, 1.0)
@@ -117,17 +114,7 @@ def test_lr_schedule_warmup_then_half_cycle_cosine_and_multistep():
 def test_weight_decay_groups_and_cosine_schedule():
     from mimscale import create_method
 
-    model = create_method(
-        "mae",
-        img_size=32,
-        patch_size=4,
-        embed_dim=64,
-        depth=1,
-        num_heads=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=4,
-    )
+    model = create_method("mae", **tiny_method_kwargs("mae", depth=1))
     groups = param_groups(model, 0.05, set(), {"decoder.decoder_pred": 7})
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from mimscale.ema import EMATeacher, MomentumSchedule, consolidate_state_dicts, make_teacher
@@ -272,12 +272,6 @@ def test_reset_from_student_copies_the_student() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 2 ranks
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage, dtypes", [(1, "fp32"), (2, "fp32"), (3, "fp32,bf16")],
                          ids=["zero1", "zero2", "zero3"])
@@ -289,7 +283,7 @@ def test_teacher_matches_ema_of_consolidated_student_on_two_ranks(tmp_path: Path
     pytest.importorskip("deepspeed")
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           "--master_port", str(_free_port()), str(DIST_SCRIPT), "--stage", str(stage), "--dtypes", dtypes,
+           "--master_port", str(free_port()), str(DIST_SCRIPT), "--stage", str(stage), "--dtypes", dtypes,
            "--out", str(out), "--ckpt-dir", str(tmp_path / "ckpt")]
     try:
         # ~25 s on an idle 2-core machine; the limit leaves room for a machine shared with other jobs.

@@ -15,31 +15,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rank_states, tiny
 from PIL import Image
 
 from mimscale import create_method
-from mimscale.methods.ibot import (
-    IBOT,
-    IBOTLoss,
-    interpolate_patch_pos_embed,
-    multicrop_views,
-    teacher_temperature,
-)
+from mimscale.data.views import multicrop_views
+from mimscale.methods.ibot import IBOT, IBOTLoss, teacher_temperature
 from mimscale.models.heads import DINOHead
+from mimscale.models.pos_embed import resample_patch_pos_embed
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_SCRIPT = REPO / "tests" / "dist_scripts" / "ibot_check.py"
-TINY = dict(
-    img_size=32,
-    patch_size=4,
-    embed_dim=64,
-    depth=2,
-    num_heads=4,
-    out_dim=96,
-    head_hidden_dim=64,
-    head_bottleneck_dim=32,
-    drop_path_rate=0.0,
-)
+TINY = tiny(out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, drop_path_rate=0.0)
 L = 64  # patches of the tiny model (8 x 8)
 
 
@@ -279,7 +266,7 @@ def test_local_crops_use_the_official_position_interpolation() -> None:
         mode="bicubic",
     )
     official = official.permute(0, 2, 3, 1).reshape(1, -1, dim)
-    got = interpolate_patch_pos_embed(pos[:, 1:], (8, 8), (3, 3))
+    got = resample_patch_pos_embed(pos[:, 1:], (8, 8), (3, 3))
     torch.testing.assert_close(got, official, rtol=0, atol=1e-6)
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
@@ -374,7 +361,7 @@ def test_centres_are_float32_buffers_that_a_state_dict_carries() -> None:
 
 
 def test_frozen_last_layer_and_weight_decay_groups() -> None:
-    from mimscale.train.loop import param_groups
+    from mimscale.train.optim import param_groups
 
     method = tiny_ibot()
     frozen = method.lr_frozen_params(steps_per_epoch=37)
@@ -499,10 +486,7 @@ def test_recipe_smoke_resumes_with_teacher_and_centres_and_exports_to_timm(
     for k in teacher_keys:
         want = m21 * sd20[k].double() + (1 - m21) * sd21[k[len("teacher.") :]].double()
         torch.testing.assert_close(sd21[k].double(), want, rtol=0, atol=1e-6, msg=k)
-    states = [
-        torch.load(f, map_location="cpu", weights_only=False)["method"]["ema"]
-        for f in sorted((ckpts / "step_00000021").glob("extra_rank*.pt"))
-    ]
+    states = rank_states(ckpts / "step_00000021", "ema")
     assert len(states) == 2 and states[0]["step"] == 21 and states[0]["momentum"] == pytest.approx(m21)
     for name, value in consolidate_state_dicts(states)["params"].items():
         torch.testing.assert_close(sd21[f"teacher.{name}"], value, rtol=0, atol=0, msg=name)

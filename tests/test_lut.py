@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rank_states, tiny
 from torch import nn
 
 from mimscale import create_method
@@ -19,8 +20,7 @@ from mimscale.models.heads import AllReduceBatchNorm1d, BYOLProjectionMLP
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_SCRIPT = REPO / "tests" / "dist_scripts" / "lut_check.py"
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=4)
+TINY = tiny(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 L = 64  # patches of the tiny model (8 x 8)
 
 
@@ -290,8 +290,7 @@ def test_heads_are_synchronised_across_two_ranks(tmp_path: Path) -> None:
 
 
 def _ema_states(tag_dir: Path) -> list[dict]:
-    return [torch.load(f, map_location="cpu", weights_only=False)["method"]["ema"]
-            for f in sorted(tag_dir.glob("extra_rank*.pt"))]
+    return rank_states(tag_dir, "ema")
 
 
 @pytest.mark.distributed

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import tiny_method_kwargs
 
 from mimscale import create_method
 from mimscale.methods.base import MethodOutput
@@ -15,16 +16,7 @@ from mimscale.methods.mae import keep_indices
 from mimscale.models.patches import patchify, unpatchify
 from mimscale.models.pos_embed import sincos_pos_embed_2d
 
-TINY = dict(
-    img_size=32,
-    patch_size=4,
-    embed_dim=64,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=32,
-    decoder_depth=1,
-    decoder_num_heads=4,
-)
+TINY = tiny_method_kwargs("mae")
 
 
 def tiny_mae(**kw) -> torch.nn.Module:
@@ -102,18 +94,7 @@ def test_loss_only_covers_masked_patches():
 
 
 def test_masking_keeps_int_truncation_and_draws_per_sample():
-    model = create_method(
-        "mae",
-        img_size=(40, 80),
-        patch_size=4,
-        embed_dim=64,
-        depth=1,
-        num_heads=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=4,
-        mask_ratio=0.8,
-    )
+    model = create_method("mae", **tiny_method_kwargs("mae", img_size=(40, 80), depth=1, mask_ratio=0.8))
     assert model.encoder.num_patches == 200
     mask = model.masker(8)
     assert torch.all((~mask).sum(1) == 39)  # int(200 * 0.2) == 39 with Python truncation

@@ -96,7 +96,7 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def schedule(model: nn.Module, lr: float) -> tuple[list[dict], object]:
-    from mimscale.train.loop import FrozenFor, param_groups
+    from mimscale.train.optim import FrozenFor, param_groups
 
     groups = param_groups(model, WD, set(), {"3.": FROZEN_STEPS})
 

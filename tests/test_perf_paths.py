@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from conftest import tiny, tiny_method_kwargs
 from PIL import Image
 
 from mimscale.data.gpu_decode import EncodedBatch, GpuJpegDecoder, JpegCropSampler, build_gpu_decode_transform
@@ -46,8 +47,8 @@ from mimscale.flops import (
 )
 from mimscale.methods.base import create_method
 
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
-TINY_MAE = dict(**TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+TINY = tiny()
+TINY_MAE = tiny_method_kwargs("mae")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rank_states, tiny
 from torch import nn
 
 from mimscale import create_method
@@ -29,7 +30,7 @@ from mimscale.methods.simmim import SimMIM, pixel_mask, simmim_loss
 from mimscale.models.heads import PixelShuffleHead
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
+TINY = tiny(depth=3)
 # The data2vec recipe runs of the 2-rank test: a fast linear EMA ramp, so the teacher moves visibly and the
 # momentum depends on the step (a resumed run that lost its EMA state would log a different one).
 D2V_EMA = ["model.ema_schedule=linear", "model.ema_decay=0.9", "model.ema_end_decay=0.99"]
@@ -281,18 +282,17 @@ def test_data2vec_masking_schedule_and_validation() -> None:
 def _rebuild(run_dir: Path):
     """The method (student, heads, teacher) rebuilt from a checkpoint's consolidated fp32 state."""
     from mimscale.export import consolidate, read_meta
-    from mimscale.train.checkpoint import resolve_checkpoint
+    from mimscale.runs import resolve_checkpoint
 
     root, tag = resolve_checkpoint(run_dir)
     meta = read_meta(root, tag)
-    method = create_method(meta["method"], **meta["config"]["model"])
+    method = create_method(meta.method, **meta.config["model"])
     method.load_state_dict(consolidate(root, tag), strict=True)
     return method.eval(), meta
 
 
 def _ema_state(tag_dir: Path) -> dict:
-    states = [torch.load(f, map_location="cpu", weights_only=False)["method"]["ema"]
-              for f in sorted(tag_dir.glob("extra_rank*.pt"))]
+    states = rank_states(tag_dir, "ema")
     assert len(states) == 2
     return consolidate_state_dicts(states)
 
@@ -323,7 +323,7 @@ def test_zero3_two_ranks_export_to_timm_and_resume(tmp_path: Path) -> None:
         model = load_timm_encoder(path)  # strict
         assert type(model).__name__ == "Beit" and model.rel_pos_bias is not None and model.pos_embed is None
         method, meta = _rebuild(tmp_path / run)
-        assert meta["step"] == (2 if run == "simmim" else 4)
+        assert meta.step == (2 if run == "simmim" else 4)
         with torch.no_grad():
             torch.testing.assert_close(model.forward_features(x), method.encoder.forward_features(x),
                                        rtol=0, atol=1e-6)

@@ -40,6 +40,7 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.data.transforms import is_channels_last
@@ -57,8 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation every method and the official code use, as timm defines it.
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _READ_KEYS = frozenset((*IMAGE_KEYS, "cls"))
 # Consecutive failures (unreadable shards or samples, no good sample between them) after which the

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mimscale.flops import EncoderPass
+
 
 @dataclass
 class MethodOutput:
@@ -33,16 +35,24 @@ class MethodOutput:
 
 
 class Method(nn.Module):
-    """Base class: subclasses set ``name``, build ``self.encoder`` (a :class:`MaskedEncoder`) and implement
-    ``forward``.
+    """Base class: subclasses set ``name``, build ``self.encoder`` and implement ``forward``.
 
-    Hooks the training loop calls (all optional to override):
+    The whole contract between a method and the trainer (which calls nothing else; every hook has a default):
 
-    * ``views``: how many augmented views the data pipeline must deliver (1 = a plain tensor).
+    * ``views``: how many augmented views the data pipeline must deliver (1 = a plain tensor). The trainer
+      checks it against the recipe's transform before anything starts.
     * ``after_optimizer_step(step, total_steps, engine)``: after each optimizer step, e.g. EMA updates.
     * ``set_epoch_progress(step, steps_per_epoch)``: for schedules defined per epoch (temperatures).
     * ``no_weight_decay()``: parameter names that must not be decayed, beyond biases and 1-D tensors.
+    * ``lr_frozen_params(steps_per_epoch)``: parameters whose learning rate is held at 0 for a while.
+    * ``set_grad_checkpointing(enable)``: activation checkpointing, as timm's switch of the same name.
+    * ``sharded_state_dict()`` / ``load_sharded_state_dict(state)``: per-rank state DeepSpeed does not save.
+    * ``export_spec()``: the timm architecture and the state-dict prefix of the encoder to export.
+    * ``reconstruct(images, out)``: picture rows for the run's ``reconstructions.png`` (None: no picture).
+    * ``encoder_passes()`` / ``head_flops()``: what the encoder sees and the heads cost, for FLOPs and MFU.
     * ``smoke_kwargs``: constructor overrides that shrink the method's own modules for ``--smoke`` runs.
+
+    Methods with an EMA teacher mix in :class:`mimscale.methods.teacher.EMATeacherMixin`.
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +81,11 @@ class Method(nn.Module):
         (e.g. iBOT/DINO freeze the last head layer during the first epoch)."""
         return {}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward to trade compute for memory (the encoder's blocks by default;
+        methods with a large head or decoder switch it too)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def sharded_state_dict(self) -> dict[str, Any]:
         """Per-rank state DeepSpeed does not save (e.g. EMA fp32 shadows); written beside each checkpoint."""
         return {}
@@ -81,6 +96,20 @@ class Method(nn.Module):
     def export_spec(self) -> tuple[str, dict[str, Any], str]:
         """(timm model name, timm kwargs, state-dict prefix of the encoder's timm module in this method)."""
         return self.encoder.timm_name, dict(self.encoder.timm_kwargs), "encoder.backbone."
+
+    def reconstruct(self, images: Any, out: MethodOutput) -> dict[str, torch.Tensor] | None:
+        """Rows of normalised-space images (``original``, ``masked``, ``reconstruction``) for the picture the
+        trainer writes after a run, from a batch and its output; None for methods without pixel outputs."""
+        return None
+
+    def encoder_passes(self) -> list[EncoderPass]:
+        """The encoder runs one image costs: by default one full-token pass over the model's grid."""
+        num_patches = self.encoder.num_patches
+        return [EncoderPass(patches=num_patches, tokens=1 + num_patches)]
+
+    def head_flops(self) -> dict[str, int]:
+        """Forward FLOPs per image of the heads the FLOP count models (MAE's decoder); none by default."""
+        return {}
 
 
 _METHODS: dict[str, type[Method]] = {}
@@ -133,8 +162,9 @@ def create_method(name: str, **kwargs: Any) -> Method:
 
 
 def _import_all() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from mimscale.methods import _registry_modules  # noqa: F401
+    # The package imports every method module (as timm's models/__init__.py does); importing it runs their
+    # @register_method decorators. A no-op once imported, which it always is when this module is.
+    import mimscale.methods  # noqa: F401
 
 
 MethodFactory = Callable[..., Method]

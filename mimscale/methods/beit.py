@@ -27,22 +27,17 @@ from torch import nn
 
 from mimscale.masking import BlockwiseMasker
 from mimscale.methods.base import Method, MethodOutput, register_method
-from mimscale.methods.beit_tokenizer import to_unit_range
+from mimscale.models.backbones import beit_style_kwargs
 from mimscale.models.encoder import MaskedEncoder
 from mimscale.models.heads import init_beit_style_, trunc_normal_within_std_
-from mimscale.models.tokenizer import VisualTokenizer, load_tokenizer, random_tokenizer
+from mimscale.models.tokenizer import VisualTokenizer, load_tokenizer, random_tokenizer, to_unit_range
 
 INIT_STD = 0.02
 PAPER_GRID_CELLS, PAPER_NUM_MASKED = 196, 75  # --num_mask_patches 75 on the 14x14 grid
 MASK_RATIO = 0.4
-BEIT_PRETRAIN_TIMM = {  # run_beit_pretraining.py get_model(): shared rel-pos bias, no abs pos, layer scale
-    "use_abs_pos_emb": False,
-    "use_rel_pos_bias": False,
-    "use_shared_rel_pos_bias": True,
-    "init_values": 0.1,
-    "drop_path_rate": 0.1,
-    "use_fc_norm": False,
-}
+# run_beit_pretraining.py get_model(): the BEiT-style layout (models.backbones.BEIT_STYLE: shared rel-pos
+# bias, no absolute table) with layer scale 0.1, drop path 0.1 and the final norm on every token.
+BEIT_PRETRAIN_TIMM = {"init_values": 0.1, "drop_path_rate": 0.1, "use_fc_norm": False}
 
 
 def default_num_masked(num_patches: int) -> int:
@@ -89,8 +84,7 @@ class BEiT(Method):
                  min_aspect: float = 0.3, mask_exact: bool = False, logits_on_all_tokens: bool = False,
                  **timm_kwargs: Any) -> None:
         super().__init__()
-        for k, v in BEIT_PRETRAIN_TIMM.items():
-            timm_kwargs.setdefault(k, v)
+        timm_kwargs = beit_style_kwargs(model_name, BEIT_PRETRAIN_TIMM, timm_kwargs)
         self.encoder = MaskedEncoder(model_name, **timm_kwargs)
         if not self.encoder.is_beit:
             raise ValueError(f"model_name={model_name!r}: BEiT pre-training needs a timm BEiT architecture "
@@ -140,9 +134,6 @@ class BEiT(Method):
         if getattr(self.encoder.backbone, "pos_embed", None) is not None:
             names.add("encoder.backbone.pos_embed")
         return names
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor | list[torch.Tensor],
                 mask: torch.Tensor | None = None) -> MethodOutput:

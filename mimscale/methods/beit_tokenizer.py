@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mimscale.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from mimscale.dist import all_reduce_sum, get_rank
 from mimscale.methods.base import Method, MethodOutput, register_method
 from mimscale.models.tokenizer import (
     DVAE_ARCH,
@@ -40,22 +40,11 @@ from mimscale.models.tokenizer import (
     DVAEEncoder,
     logit_laplace_nll,
     map_pixels,
+    to_normalized,
     to_tokenizer_input,
+    to_unit_range,
     unmap_pixels,
 )
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Undo the loop's ImageNet normalisation: float32 RGB in ``[0, 1]``."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
-
-
-def to_normalized(images01: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images01.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images01.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images01.float() - mean) / std
 
 
 def cosine_ramp(step: int, steps: int, start: float, end: float) -> float:
@@ -70,19 +59,6 @@ def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
     p = counts.double() / counts.sum().clamp(min=1)
     entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
     return torch.exp(entropy).float()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 @register_method
@@ -202,7 +178,7 @@ class BEiTTokenizer(Method):
     def _codebook_stats(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(usage over the window, perplexity of this batch), from counts all-reduced over ranks."""
         vocab = self.config.vocab_size
-        counts = _all_reduce_sum(torch.bincount(ids.flatten(), minlength=vocab).to(torch.long))
+        counts = all_reduce_sum(torch.bincount(ids.flatten(), minlength=vocab).to(torch.long))
         if self._last_seen is None or self._last_seen.device != counts.device:
             last = self._last_seen if self._last_seen is not None else torch.full((vocab,), -(10**9))
             self._last_seen = last.to(device=counts.device, dtype=torch.long)
@@ -220,7 +196,7 @@ class BEiTTokenizer(Method):
             return
         value = float(usage)
         if value < self.collapse_threshold:
-            if _rank() == 0:
+            if get_rank() == 0:
                 print(f"[mimscale] WARNING codebook collapse: only {value:.1%} of the "
                       f"{self.config.vocab_size} codes were used in the last {self.usage_window} batches "
                       f"(threshold {self.collapse_threshold:.0%}) at step {self._step}; lower kl_weight or "

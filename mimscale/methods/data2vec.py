@@ -25,23 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale.ema import EMATeacher, MomentumSchedule, make_teacher
+from mimscale.ema import MomentumSchedule
+from mimscale.flops import EncoderPass
 from mimscale.masking import BlockwiseMasker
 from mimscale.methods.base import Method, MethodOutput, register_method
-from mimscale.methods.simmim import backbone_kwargs, check_final_norm
+from mimscale.methods.teacher import EMATeacherMixin
+from mimscale.models.backbones import beit_style_kwargs, check_final_norm
 from mimscale.models.encoder import MaskedEncoder
 from mimscale.models.heads import init_beit_style_, trunc_normal_within_std_
 
 # Official ViT-B command (data2vec_vision beit/README.md): --layer_scale_init_value 1e-4 (the run_cyclical.py
-# default 0.1 is overridden), shared relative position bias (rel_pos_bias defaults True), no absolute
-# position embedding, --attn_drop_rate 0.05, --drop_path 0.25. The ViT-L recipe overrides the values.
-BEIT_BACKBONE: dict[str, Any] = {
-    "use_abs_pos_emb": False,
-    "use_rel_pos_bias": False,
-    "use_shared_rel_pos_bias": True,
-    "init_values": 1e-4,
-    "global_pool": "token",
-}
+# default 0.1 is overridden), the BEiT-style relative position layout (rel_pos_bias shared by default, no
+# absolute position embedding), --attn_drop_rate 0.05, --drop_path 0.25. The ViT-L recipe overrides values.
+DATA2VEC_BEIT: dict[str, Any] = {"init_values": 1e-4, "global_pool": "token"}
 
 OFFICIAL_MASKED = 120  # of 196 patches (14x14) at 224 px
 OFFICIAL_PATCHES = 196
@@ -96,7 +92,7 @@ def token_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register_method
-class Data2Vec(Method):
+class Data2Vec(EMATeacherMixin, Method):
     """data2vec (vision) on the shared encoder, with an EMA teacher of the encoder.
 
     Args:
@@ -113,8 +109,9 @@ class Data2Vec(Method):
             over ``ema_anneal_steps`` optimizer steps (None = the whole run).
         ema_decay, ema_end_decay, ema_anneal_steps: see ``ema_schedule`` (0.9998, 0.9999, None).
         init_std: std of the official init, truncated at one std (0.02).
-        timm_kwargs: the encoder's timm arguments; for ``beit_*`` names :data:`BEIT_BACKBONE` fills in what
-            is not given (the recipes set ``drop_path_rate`` and ``attn_drop_rate``).
+        timm_kwargs: the encoder's timm arguments; for ``beit_*`` names the BEiT-style layout and
+            :data:`DATA2VEC_BEIT` fill in what is not given (the recipes set ``drop_path_rate`` and
+            ``attn_drop_rate``).
     """
 
     name = "data2vec"
@@ -128,7 +125,7 @@ class Data2Vec(Method):
                  ema_schedule: str = "constant", ema_decay: float = 0.9998, ema_end_decay: float = 0.9999,
                  ema_anneal_steps: int | None = None, init_std: float = 0.02, **timm_kwargs: Any) -> None:
         super().__init__()
-        self.encoder = MaskedEncoder(model_name, **backbone_kwargs(model_name, BEIT_BACKBONE, timm_kwargs))
+        self.encoder = MaskedEncoder(model_name, **beit_style_kwargs(model_name, DATA2VEC_BEIT, timm_kwargs))
         check_final_norm(self.encoder)
         enc = self.encoder
         depth = len(enc.blocks)
@@ -158,24 +155,10 @@ class Data2Vec(Method):
                                         ramp_steps=ema_anneal_steps)
         else:
             raise ValueError(f"ema_schedule={ema_schedule!r}: expected 'constant' or 'linear'")
-        # Built after the init so the teacher starts equal to the student (timm ModelEmaV2 deep-copies the
-        # freshly built model). A submodule, so DeepSpeed casts/partitions it like the student.
-        self.teacher = make_teacher(self.encoder)
-        object.__setattr__(self, "_ema", EMATeacher(self.encoder, self.teacher, schedule))
-        # After the deepcopy: the teacher must not carry a copy of the (unused) mask token.
+        # After the init, so the teacher starts equal to the student; the teacher mirrors the encoder.
+        self.init_teacher(self.encoder, schedule)
+        # After the copy: the teacher must not carry a copy of the (unused) mask token.
         self.encoder.use_external(self.mask_token)
-
-    @property
-    def ema(self) -> EMATeacher:
-        return self._ema  # type: ignore[attr-defined]
-
-    def train(self, mode: bool = True) -> Data2Vec:
-        super().train(mode)
-        self.teacher.eval()  # never dropout / drop path in the teacher
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """As the official optimizer: the encoder's ``{pos_embed, cls_token}`` (biases and 1-D tensors are
@@ -183,21 +166,10 @@ class Data2Vec(Method):
         names = {n for n, _ in self.named_parameters()}
         return {n for n in ("encoder.backbone.cls_token", "encoder.backbone.pos_embed") if n in names}
 
-    def after_optimizer_step(self, step: int, total_steps: int, engine: Any = None) -> None:
-        self.ema.update(step, total_steps)
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict()}
-
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
-        if "ema" not in state:
-            raise RuntimeError("data2vec checkpoint without the EMA teacher state ('ema')")
-        self.ema.load_state_dict(state["ema"])
-
-    def current_momentum(self) -> float:
-        """The momentum of the last EMA update (restored on resume); the schedule's start before any."""
-        m = self.ema.momentum
-        return self.ema.schedule.base if m is None else float(m)
+    def encoder_passes(self) -> list[EncoderPass]:
+        """The student on every (masked) position, the teacher forward-only on the unmasked image."""
+        n = self.encoder.num_patches
+        return [EncoderPass(n, 1 + n), EncoderPass(n, 1 + n, trained=False)]
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -225,7 +197,7 @@ class Data2Vec(Method):
         loss = masked_smooth_l1(pred, target, mask, self.loss_beta)
         metrics = {
             "loss_data2vec": loss.detach(),
-            "ema_momentum": torch.full((), self.current_momentum(), device=loss.device),
+            "ema_momentum": self.momentum_metric(loss.device),
             "target_var": token_std(target, mask),
             "pred_var": token_std(pred, mask),
         }

@@ -35,57 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale.ema import EMATeacher, MomentumSchedule, make_teacher
+from mimscale.dist import all_reduce_sum
+from mimscale.ema import MomentumSchedule
+from mimscale.flops import EncoderPass
 from mimscale.masking import IBOTMasker
 from mimscale.methods.base import Method, MethodOutput, register_method
+from mimscale.methods.teacher import EMATeacherMixin
 from mimscale.models.encoder import MaskedEncoder
 from mimscale.models.heads import DINOHead
 
-# DINO/iBOT's colour augmentation (``DataAugmentationiBOT``): flip, colour jitter with p 0.8, grayscale 0.2.
-_COLOUR = {
-    "hflip": 0.5,
-    "color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1, "p": 0.8},
-    "grayscale": 0.2,
-}
-
-
-def multicrop_views(
-    global_size: int = 224,
-    local_size: int = 96,
-    num_local: int = 10,
-    global_scale: tuple[float, float] = (0.25, 1.0),
-    local_scale: tuple[float, float] = (0.05, 0.25),
-    num_global: int = 2,
-) -> list[dict[str, Any]]:
-    """The view dicts (``DataConfig.views``) of iBOT's multi-crop augmentation, in the order the method
-    expects: global crop 1 (blur p 1.0), the other global crops (blur p 0.1, solarize p 0.2), then the
-    local crops (blur p 0.5). Crops are bicubic RandomResizedCrops, as in the official loader.
-
-    The defaults are the paper's ViT runs (``--global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25
-    --local_crops_number 10``); the official script's own defaults (0.14-1, 0.05-0.4, no local crops) are
-    for runs without multi-crop.
-    """
-    if num_global < 1 or num_local < 0:
-        raise ValueError(f"num_global={num_global}, num_local={num_local}: expected >= 1 and >= 0")
-    views: list[dict[str, Any]] = [
-        {"size": global_size, "scale": list(global_scale), **_COLOUR, "blur": 1.0},
-    ]
-    if num_global > 1:
-        views.append(
-            {
-                "size": global_size,
-                "scale": list(global_scale),
-                **_COLOUR,
-                "blur": 0.1,
-                "solarize": 0.2,
-                "repeat": num_global - 1,
-            }
-        )
-    views.append(
-        {"size": local_size, "scale": list(local_scale), **_COLOUR, "blur": 0.5, "repeat": num_local}
-    )
-    return views
-
+# The paper's local crops are 96 px beside 224 px global crops (--local_crops_size 96); used to size them
+# for FLOP counts (the augmentation itself is mimscale.data.views.multicrop_views).
+LOCAL_TO_GLOBAL = 96 / 224
 
 def teacher_temperature(
     epoch: int, warmup_temp: float, temp: float, warmup_epochs: int, start_epoch: int = 0
@@ -105,66 +66,6 @@ def teacher_temperature(
     if warmup_epochs == 1:
         return warmup_temp
     return warmup_temp + (temp - warmup_temp) * e / (warmup_epochs - 1)
-
-
-def interpolate_patch_pos_embed(
-    patch_pos: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]
-) -> torch.Tensor:
-    """Resample a patch position table ``[1, h*w, D]`` to another grid, as DINO/iBOT's
-    ``interpolate_pos_encoding``: bicubic, driven by the scale factor ``(grid_to + 0.1) / grid_from`` (the
-    0.1 guards the output size against float error; the sampling positions follow that factor, not the
-    integer size), no antialiasing. Computed in float32.
-    """
-    d = patch_pos.shape[-1]
-    x = patch_pos.float().reshape(1, grid_from[0], grid_from[1], d).permute(0, 3, 1, 2)
-    scale = ((grid_to[0] + 0.1) / grid_from[0], (grid_to[1] + 0.1) / grid_from[1])
-    x = F.interpolate(x, scale_factor=scale, mode="bicubic")
-    if tuple(x.shape[-2:]) != tuple(grid_to):
-        raise RuntimeError(f"position table resampled to {tuple(x.shape[-2:])}, expected {grid_to}")
-    return x.permute(0, 2, 3, 1).reshape(1, grid_to[0] * grid_to[1], d).to(patch_pos.dtype)
-
-
-class MultiCropEncoder(MaskedEncoder):
-    """:class:`MaskedEncoder` that also encodes crops of another size than the model's (iBOT's 96 px local
-    crops), with the position table resampled by :func:`interpolate_patch_pos_embed`.
-
-    Crops of the model's own size take the parent's path unchanged. Only ViT backbones (absolute position
-    table) take other sizes. The state dict and the export are the parent's.
-    """
-
-    def __init__(self, model_name: str = "vit_base_patch16_224", **timm_kwargs: Any) -> None:
-        super().__init__(model_name, **timm_kwargs)
-        # timm's PatchEmbed asserts the model's image size unless told otherwise; any multiple of the
-        # patch size works for the convolution itself.
-        self.backbone.patch_embed.strict_img_size = False
-
-    def forward_masked(
-        self,
-        images: torch.Tensor,
-        mask: torch.Tensor | None,
-        mask_token: torch.Tensor | None,
-        collect: list[int] | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        p = self.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
-        if grid == self.grid:
-            return super().forward_masked(images, mask, mask_token, collect)
-        if self.is_beit:
-            raise ValueError(
-                f"crops of {tuple(images.shape[-2:])} px need a ViT backbone: {self.timm_name} has a "
-                f"relative position bias for a {self.grid} grid only"
-            )
-        x = self.embed_patches(images)
-        if mask is not None:
-            if mask_token is None:
-                raise ValueError("forward_masked got a mask but no mask_token")
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + mask_token.to(x.dtype) * w
-        pos = self._pos_embed()
-        if pos is not None:
-            x = x + interpolate_patch_pos_embed(pos[:, 1:], self.grid, grid).to(x.dtype)
-        x = self.backbone.pos_drop(self._prepend_cls(x))
-        return self.run_blocks(x, collect)
 
 
 class IBOTLoss(nn.Module):
@@ -289,8 +190,7 @@ class IBOTLoss(nn.Module):
         stats, self._pending = self._pending, None
         if stats is None:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
+        all_reduce_sum(stats)
         k = self.out_dim
         mean_cls, mean_patch = stats[:k] / stats[-1], stats[k : 2 * k] / stats[-1]
         m, m2 = self.center_momentum, self.center_momentum2
@@ -299,7 +199,7 @@ class IBOTLoss(nn.Module):
 
 
 @register_method
-class IBOT(Method):
+class IBOT(EMATeacherMixin, Method):
     """iBOT on the shared encoder (ViT), with an EMA teacher and multi-crop.
 
     ``forward(images)`` takes the tuple of crops ``(global_1, .., global_G, local_1, .., local_N)`` (``G`` =
@@ -368,7 +268,7 @@ class IBOT(Method):
                 "global crop and two crops in all (the CLS loss pairs different crops)"
             )
         timm_kwargs.setdefault("drop_path_rate", 0.1)
-        self.encoder = MultiCropEncoder(model_name, **timm_kwargs)
+        self.encoder = MaskedEncoder(model_name, **timm_kwargs)  # local crops: the table is resampled
         d = self.encoder.embed_dim
         self.head = DINOHead(
             d,
@@ -384,21 +284,10 @@ class IBOT(Method):
         self.loss_fn = IBOTLoss(out_dim, student_temp, center_momentum, center_momentum2, lambda1, lambda2)
 
         # The teacher copies the encoder and head (not the mask token, as the official EMA pairs only the
-        # parameters both networks have). `student` is a view of modules registered above, kept out of
-        # the module tree so nothing is registered twice; the EMA object is not a module either.
-        student = nn.ModuleDict({"encoder": self.encoder, "head": self.head})
-        self.teacher = make_teacher(student)
-        object.__setattr__(self, "_student", student)
-        # After the copy, so each registration names the module's own tensors (the teacher's encoder must
-        # not carry a copy of the mask token).
-        # ZeRO-3: the mask token enters the encoder's forward; the copied teacher re-declares its own
-        # backbone tensors (the encoder declares them at construction; a deep copy keeps stale keys).
+        # parameters both networks have): the mask token is declared to the encoder after the copy.
+        self.init_teacher(nn.ModuleDict({"encoder": self.encoder, "head": self.head}),
+                          MomentumSchedule("cosine", momentum_teacher, 1.0))
         self.encoder.use_external(self.mask_token)
-        for p in self.teacher.encoder.backbone.parameters(recurse=False):
-            self.teacher.encoder.use_external(p)
-        object.__setattr__(
-            self, "_ema", EMATeacher(student, self.teacher, MomentumSchedule("cosine", momentum_teacher, 1.0))
-        )
 
         self.num_global_crops = num_global_crops
         self.num_local_crops = num_local_crops
@@ -415,14 +304,6 @@ class IBOT(Method):
         """Crops per image the data pipeline must deliver: ``num_global_crops + num_local_crops``."""
         return self.num_global_crops + self.num_local_crops
 
-    def train(self, mode: bool = True) -> IBOT:
-        super().train(mode)
-        self.teacher.eval()  # never trained: no drop path, and a BatchNorm would not update
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
-
     def set_epoch_progress(self, step: int, steps_per_epoch: int) -> None:
         self.epoch = step // max(1, steps_per_epoch)  # the official schedules are indexed by whole epochs
 
@@ -436,8 +317,9 @@ class IBOT(Method):
         )
 
     def after_optimizer_step(self, step: int, total_steps: int, engine: Any = None) -> None:
+        """The centres take the step's teacher statistics, then the EMA updates the teacher."""
         self.loss_fn.update_center()
-        self._ema.update(step, total_steps)
+        super().after_optimizer_step(step, total_steps, engine)
 
     def lr_frozen_params(self, steps_per_epoch: int) -> dict[str, int]:
         """The head's last layer is not trained for ``freeze_last_layer`` epochs (the official
@@ -446,12 +328,17 @@ class IBOT(Method):
             return {}
         return {"head.last_layer.": self.freeze_last_layer * steps_per_epoch}
 
-    def sharded_state_dict(self) -> dict[str, Any]:
-        return {"ema": self._ema.state_dict()}
-
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
-        if "ema" in state:
-            self._ema.load_state_dict(state["ema"])
+    def encoder_passes(self) -> list[EncoderPass]:
+        """Student: the (masked) global crops at full token count and the local crops at theirs; teacher:
+        the global crops, forward only. Local crops are sized from the model's image size and the recipe's
+        96/224 ratio (the method does not know the pipeline's crop size)."""
+        n = self.encoder.num_patches
+        g, local = self.num_global_crops, self.num_local_crops
+        passes = [EncoderPass(n, 1 + n, repeats=g), EncoderPass(n, 1 + n, repeats=g, trained=False)]
+        if local:
+            side = max(1, round(self.encoder.grid[0] * LOCAL_TO_GLOBAL))
+            passes.insert(1, EncoderPass(side * side, 1 + side * side, repeats=local))
+        return passes
 
     def export_spec(self) -> tuple[str, dict[str, Any], str]:
         prefix = "teacher.encoder.backbone." if self.export_teacher else "encoder.backbone."
@@ -546,5 +433,6 @@ class IBOT(Method):
             # The CLS centre tracks the mean teacher logit: a collapse monitor, and a check that resume
             # restored it.
             "center_norm": self.loss_fn.center.norm(),
+            "ema_momentum": self.momentum_metric(glob.device),
         }
         return MethodOutput(loss=losses["loss"], metrics=metrics, mask=mask)

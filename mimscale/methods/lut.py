@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale.ema import EMATeacher, MomentumSchedule, make_teacher
+from mimscale.ema import MomentumSchedule
+from mimscale.flops import EncoderPass
 from mimscale.methods.base import MethodOutput, register_method
 from mimscale.methods.mae import MAE, init_mae_weights, keep_indices, masked_mse
+from mimscale.methods.teacher import EMATeacherMixin
 from mimscale.models.heads import BYOLProjectionMLP
 
 MaskArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | None
@@ -66,7 +68,7 @@ def broader_context_loss(student: tuple[torch.Tensor, torch.Tensor],
 
 
 @register_method
-class LUT(MAE):
+class LUT(EMATeacherMixin, MAE):
     """MAE with a second masked view and an EMA-teacher BYOL loss on the mean of unmasked tokens.
 
     Args:
@@ -107,35 +109,15 @@ class LUT(MAE):
         init_mae_weights(self.head)  # the official self.apply(_init_weights) covers the heads
         init_mae_weights(self.predictor)
 
-        # The teacher is a registered submodule (DeepSpeed casts and partitions it like the student); the
-        # student view it mirrors and the EMATeacher are kept off the module tree so nothing is registered
-        # twice. Parameter names match: encoder.*, head.*.
-        student = nn.ModuleDict({"encoder": self.encoder, "head": self.head})
-        self.teacher = make_teacher(student)
-        schedule = MomentumSchedule("cosine", ema_momentum, ema_momentum_final)
-        object.__setattr__(self, "_ema", EMATeacher(student, self.teacher, schedule, include_buffers=True))
+        # The teacher mirrors the encoder and projector head (parameter names encoder.*, head.*), BatchNorm
+        # running statistics included.
+        self.init_teacher(nn.ModuleDict({"encoder": self.encoder, "head": self.head}),
+                          MomentumSchedule("cosine", ema_momentum, ema_momentum_final), include_buffers=True)
 
-    # ---- teacher bookkeeping ------------------------------------------------------------------------
-    @property
-    def ema(self) -> EMATeacher:
-        return self._ema
-
-    def train(self, mode: bool = True) -> LUT:
-        """The teacher always stays in eval mode (BatchNorm on its averaged running statistics)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def after_optimizer_step(self, step: int, total_steps: int, engine: Any = None) -> None:
-        self._ema.update(step, total_steps)
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        return {"ema": self._ema.state_dict()}
-
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
-        if "ema" not in state:
-            raise KeyError("LUT checkpoint extras have no 'ema' entry: the teacher's fp32 shadow is missing")
-        self._ema.load_state_dict(state["ema"])
+    def encoder_passes(self) -> list[EncoderPass]:
+        """Both views' kept tokens through the student; the teacher forward-only on both full views."""
+        n, kept = self.encoder.num_patches, self.masker.num_keep
+        return [EncoderPass(n, 1 + kept, repeats=2), EncoderPass(n, 1 + n, repeats=2, trained=False)]
 
     # ---- masking ------------------------------------------------------------------------------------
     def view_masks(self, batch_size: int, mask: MaskArg = None, device: torch.device | str | None = None,
@@ -222,10 +204,8 @@ class LUT(MAE):
         loss_bc = broader_context_loss((s1, s2), (t[:b], t[b:]))
 
         loss = self.w_mae * loss_mae + self.w_bc * loss_bc
-        # The momentum of the latest teacher update (the schedule's start before the first one).
-        momentum = self._ema.momentum if self._ema.momentum is not None else self._ema.schedule.base
         metrics = {"loss_mae": loss_mae.detach(), "loss_bc": loss_bc.detach(),
-                   "ema_momentum": torch.tensor(momentum, device=loss.device)}
+                   "ema_momentum": self.momentum_metric(loss.device)}
         return MethodOutput(loss=loss, metrics=metrics, pred=pred, target=target, mask=mask1)
 
     @torch.no_grad()

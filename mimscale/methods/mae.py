@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mimscale.flops import EncoderPass, mae_decoder_flops, mlp_ratio_of
 from mimscale.masking import RandomMasker
 from mimscale.methods.base import Method, MethodOutput, register_method
 from mimscale.models.decoders import MAEDecoder
@@ -116,8 +117,20 @@ class MAE(Method):
         init_mae_weights(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
+        super().set_grad_checkpointing(enable)
         self.decoder.grad_checkpointing = enable
+
+    def encoder_passes(self) -> list[EncoderPass]:
+        """Every patch is embedded; only the ``1 + K`` kept tokens run through the blocks."""
+        return [EncoderPass(patches=self.encoder.num_patches, tokens=1 + self.masker.num_keep)]
+
+    def head_flops(self) -> dict[str, int]:
+        dec = self.decoder
+        dec_dim = dec.decoder_embed.out_features
+        mlp = mlp_ratio_of(dec.decoder_blocks[0], dec_dim) if len(dec.decoder_blocks) else 4.0
+        flops = mae_decoder_flops(self.masker.num_keep, self.encoder.num_patches, self.encoder.embed_dim,
+                                  dec_dim, len(dec.decoder_blocks), dec.decoder_pred.out_features, mlp)
+        return {"decoder": flops}
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         t = patchify(images.float(), self.encoder.patch_size)

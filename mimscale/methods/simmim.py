@@ -6,8 +6,8 @@ PixelShuffle head regresses the raw (normalised) pixels; the loss is the L1 erro
 only: ``sum(|x - x_rec| * m) / (sum(m) + 1e-5) / in_chans`` (official ``SimMIM.forward``).
 
 The paper's ViT runs use a BEiT-style backbone (shared relative position bias, layer scale 0.1, no
-absolute position embedding, final LayerNorm on the tokens): timm's ``Beit`` with the kwargs in
-:data:`BEIT_BACKBONE`, which are the defaults here for ``beit_*`` model names.
+absolute position embedding, final LayerNorm on the tokens): timm's ``Beit`` with
+:data:`mimscale.models.backbones.BEIT_STYLE` plus :data:`SIMMIM_BEIT`, the defaults for ``beit_*`` names.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 
 from mimscale.masking import SimMIMMasker
 from mimscale.methods.base import Method, MethodOutput, register_method
+from mimscale.models.backbones import beit_style_kwargs, check_final_norm
 from mimscale.models.encoder import MaskedEncoder
 from mimscale.models.heads import PixelShuffleHead, init_beit_style_, trunc_normal_within_std_
 from mimscale.models.patches import patchify, unpatchify
@@ -26,30 +27,10 @@ from mimscale.models.patches import patchify, unpatchify
 LOSS_EPS = 1e-5  # official: (loss_recon * mask).sum() / (mask.sum() + 1e-5) / in_chans
 
 # configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml + config.py defaults:
-# USE_APE False, USE_RPB False, USE_SHARED_RPB True, INIT_VALUES 0.1, QKV_BIAS True, USE_MEAN_POOLING False
-# (so the final LayerNorm is applied to the tokens: timm's global_pool="token" keeps ``norm`` a LayerNorm).
-BEIT_BACKBONE: dict[str, Any] = {
-    "use_abs_pos_emb": False,
-    "use_rel_pos_bias": False,
-    "use_shared_rel_pos_bias": True,
-    "init_values": 0.1,
-    "global_pool": "token",
-}
-
-
-def backbone_kwargs(model_name: str, defaults: dict[str, Any], timm_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The method's paper defaults for a ``beit_*`` backbone under the user's kwargs; a ViT only gets
-    ``global_pool="token"`` (timm's default there, which keeps the final norm on the tokens)."""
-    base = dict(defaults) if model_name.startswith("beit") else {"global_pool": "token"}
-    return {**base, **timm_kwargs}
-
-
-def check_final_norm(encoder: MaskedEncoder) -> None:
-    """SimMIM and data2vec read final-normed tokens; timm drops that norm when pooling with ``avg``."""
-    if isinstance(encoder.backbone.norm, nn.Identity):
-        raise ValueError("this method needs the encoder's final LayerNorm on the tokens, but the timm model "
-                         "was built with it moved after pooling (global_pool='avg' / use_fc_norm=True); "
-                         "use global_pool='token'")
+# USE_APE False, USE_RPB False, USE_SHARED_RPB True (BEIT_STYLE), INIT_VALUES 0.1, QKV_BIAS True,
+# USE_MEAN_POOLING False (so the final LayerNorm is applied to the tokens: timm's global_pool="token" keeps
+# ``norm`` a LayerNorm).
+SIMMIM_BEIT: dict[str, Any] = {"init_values": 0.1, "global_pool": "token"}
 
 
 def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -78,8 +59,8 @@ class SimMIM(Method):
         mask_patch_size: side of the masked cells in pixels (32).
         mask_ratio: fraction of cells masked, ``ceil(cells * r)`` per image (0.6).
         init_std: std of the official init (truncated at one std), see :func:`init_beit_style_` (0.02).
-        timm_kwargs: the encoder's timm arguments; for ``beit_*`` names :data:`BEIT_BACKBONE` fills in what
-            is not given (``drop_path_rate`` 0.1 is set by the recipe).
+        timm_kwargs: the encoder's timm arguments; for ``beit_*`` names the BEiT-style layout and
+            :data:`SIMMIM_BEIT` fill in what is not given (``drop_path_rate`` 0.1 is set by the recipe).
     """
 
     name = "simmim"
@@ -90,7 +71,7 @@ class SimMIM(Method):
     def __init__(self, model_name: str = "beit_base_patch16_224", *, mask_patch_size: int = 32,
                  mask_ratio: float = 0.6, init_std: float = 0.02, **timm_kwargs: Any) -> None:
         super().__init__()
-        self.encoder = MaskedEncoder(model_name, **backbone_kwargs(model_name, BEIT_BACKBONE, timm_kwargs))
+        self.encoder = MaskedEncoder(model_name, **beit_style_kwargs(model_name, SIMMIM_BEIT, timm_kwargs))
         check_final_norm(self.encoder)
         enc = self.encoder
         self.masker = SimMIMMasker(img_size=(enc.grid[0] * enc.patch_size, enc.grid[1] * enc.patch_size),
@@ -101,9 +82,6 @@ class SimMIM(Method):
         init_beit_style_(enc.backbone, init_std)
         trunc_normal_within_std_(self.mask_token, init_std)
         self.encoder.use_external(self.mask_token)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """As the official ViT branch: the encoder's ``{pos_embed, cls_token}`` only (biases and 1-D tensors

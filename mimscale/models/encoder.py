@@ -11,6 +11,10 @@ Two masked paths:
 * :meth:`MaskedEncoder.forward_masked` (SimMIM, BEiT, iBOT, data2vec): masked patch embeddings are replaced
   by a learnable mask token (``x * (1 - w) + token * w``) *before* CLS and position embeddings, and every
   position goes through the encoder.
+
+Both paths take images of any multiple of the patch size on a ViT backbone (iBOT's 96 px local crops): the
+absolute position table is resampled to the input's grid (:func:`resample_patch_pos_embed`). A BEiT
+backbone's relative position bias exists for the model's own grid only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mimscale.models.pos_embed import sincos_pos_embed_2d
+from mimscale.models.pos_embed import resample_patch_pos_embed, sincos_pos_embed_2d
 
 
 class MaskedEncoder(nn.Module):
@@ -60,6 +64,9 @@ class MaskedEncoder(nn.Module):
             )
         if getattr(b.patch_embed, "dynamic_img_size", False):
             raise ValueError("dynamic_img_size=True is not supported for masked pretraining")
+        # timm's PatchEmbed asserts the model's image size unless told otherwise; the convolution works on
+        # any multiple of the patch size, and the position table is resampled below (_patch_positions).
+        b.patch_embed.strict_img_size = False
         self.fixed_pos_embed = fixed_pos_embed
         if fixed_pos_embed:
             if getattr(b, "pos_embed", None) is None:
@@ -112,6 +119,30 @@ class MaskedEncoder(nn.Module):
     def _rel_pos_bias(self) -> torch.Tensor | None:
         rpb = getattr(self.backbone, "rel_pos_bias", None)
         return rpb() if rpb is not None else None
+
+    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.patch_size
+        if images.shape[-2] % p or images.shape[-1] % p:
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} px: expected multiples of the patch size {p}"
+            )
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        if grid != self.grid and self.is_beit:
+            raise ValueError(
+                f"crops of {tuple(images.shape[-2:])} px need a ViT backbone: {self.timm_name} has a "
+                f"relative position bias for a {self.grid} grid only"
+            )
+        return grid
+
+    def _add_patch_positions(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add the absolute position table (if any) to patch embeddings ``[B, L, D]`` on ``grid``: the model's
+        own table on its grid, else the table resampled as DINO/iBOT do."""
+        pos = self._pos_embed()
+        if pos is None:
+            return x
+        if grid == self.grid:
+            return x + pos[:, 1:]
+        return x + resample_patch_pos_embed(pos[:, 1:], self.grid, grid).to(x.dtype)
 
     def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         cls = self.backbone.cls_token
@@ -176,10 +207,8 @@ class MaskedEncoder(nn.Module):
                 "forward_visible needs absolute position embeddings (a ViT backbone); "
                 "BEiT-style backbones use forward_masked"
             )
-        x = self.embed_patches(images)
-        pos = self._pos_embed()
-        if pos is not None:
-            x = x + pos[:, 1:]
+        grid = self._grid_of(images)
+        x = self._add_patch_positions(self.embed_patches(images), grid)
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.backbone.pos_drop(self._prepend_cls(x))
         return self.run_blocks(x)[0]
@@ -194,16 +223,16 @@ class MaskedEncoder(nn.Module):
         """Full-token encoder with mask tokens: ``([B, 1 + L, D] final-normed tokens, collected blocks)``.
 
         ``mask`` ``[B, L]`` bool (True = masked) or None for the unmasked image; ``mask_token`` ``[1, 1, D]``.
+        ``L`` is the input's grid, which may differ from the model's on a ViT backbone.
         """
+        grid = self._grid_of(images)
         x = self.embed_patches(images)
         if mask is not None:
             if mask_token is None:
                 raise ValueError("forward_masked got a mask but no mask_token")
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + mask_token.to(x.dtype) * w
-        pos = self._pos_embed()
-        if pos is not None:
-            x = x + pos[:, 1:]
+        x = self._add_patch_positions(x, grid)
         x = self.backbone.pos_drop(self._prepend_cls(x))
         return self.run_blocks(x, collect)
 
@@ -221,6 +250,16 @@ def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
     except ImportError:  # the model library works without DeepSpeed installed
         return
     register(module, param)
+
+
+def rekey_external_params(module: nn.Module) -> None:
+    """After ``copy.deepcopy`` of a module tree: DeepSpeed keys each module's external parameters by
+    ``id(param)``, and a deep copy keeps the original's ids as keys while the values become the copies.
+    ZeRO-3 looks parameters up by those keys, so re-key every module of the copy by its own tensors."""
+    for m in module.modules():
+        ext = getattr(m, "_external_params", None)
+        if ext:
+            m._external_params = {id(p): p for p in ext.values()}
 
 
 def _register_direct_params(owner: nn.Module, backbone: nn.Module) -> None:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from mimscale.dist import all_reduce_sum, get_world_size
+
 
 def trunc_normal_within_std_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """Normal(0, std) truncated at **one** standard deviation, ``[-std, std]``.
@@ -87,13 +89,6 @@ class PixelShuffleHead(nn.Module):
 # LUT (Kim et al. 2024; naver-ai/lut): BYOL-style projector/predictor with cross-rank batch statistics
 
 
-def _data_parallel_world() -> int:
-    """World size when a default process group is up, else 1 (single process, tests, eval scripts)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable sum over the ranks of the default group.
 
@@ -106,19 +101,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out
+        return all_reduce_sum(tensor.clone(memory_format=torch.contiguous_format))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
+        return all_reduce_sum(grad.clone(memory_format=torch.contiguous_format))
 
 
 class AllReduceBatchNorm1d(nn.BatchNorm1d):
@@ -154,7 +141,7 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             y = (xf - self.running_mean.float()) * torch.rsqrt(self.running_var.float() + self.eps)
         else:
-            sync = self.sync and _data_parallel_world() > 1
+            sync = self.sync and get_world_size() > 1
             if not sync and x.shape[0] < 2:
                 raise ValueError(f"AllReduceBatchNorm1d needs more than 1 sample in training, "
                                  f"got {x.shape[0]}")

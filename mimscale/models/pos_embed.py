@@ -30,3 +30,21 @@ def sincos_pos_embed_2d(embed_dim: int, grid: tuple[int, int], cls_token: bool =
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float().unsqueeze(0)
+
+
+def resample_patch_pos_embed(
+    patch_pos: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]
+) -> torch.Tensor:
+    """Resample a patch position table ``[1, h*w, D]`` (no CLS row) to another grid, as DINO/iBOT's
+    ``interpolate_pos_encoding`` (``vision_transformer.py``): bicubic, driven by the scale factor
+    ``(grid_to + 0.1) / grid_from`` (the 0.1 guards the output size against float error; the sampling
+    positions follow that factor, not the integer size), no antialiasing. Computed in float32, returned
+    in the table's dtype.
+    """
+    d = patch_pos.shape[-1]
+    x = patch_pos.float().reshape(1, grid_from[0], grid_from[1], d).permute(0, 3, 1, 2)
+    scale = ((grid_to[0] + 0.1) / grid_from[0], (grid_to[1] + 0.1) / grid_from[1])
+    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bicubic")
+    if tuple(x.shape[-2:]) != tuple(grid_to):
+        raise RuntimeError(f"position table resampled to {tuple(x.shape[-2:])}, expected {grid_to}")
+    return x.permute(0, 2, 3, 1).reshape(1, grid_to[0] * grid_to[1], d).to(patch_pos.dtype)

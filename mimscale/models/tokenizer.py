@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -51,6 +52,8 @@ __all__ = [
     "VisualTokenizer",
     "map_pixels",
     "unmap_pixels",
+    "to_normalized",
+    "to_unit_range",
     "logit_laplace_nll",
     "dalle_checkpoint_filter",
     "infer_dvae_config",
@@ -269,6 +272,24 @@ class DVAEDecoder(_GroupedNet):
         layers.append(("output", nn.Sequential(OrderedDict([
             ("relu", nn.ReLU()), ("conv", _conv(widths[-1], 2 * config.input_channels, 1))]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
+
+
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean, std
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Undo the trainer's ImageNet normalisation: float32 RGB in ``[0, 1]`` (what a tokenizer reads)."""
+    mean, std = _imagenet_stats(images.device)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def to_normalized(images01: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` RGB back to ImageNet-normalised float32 (for pictures drawn like the trainer's inputs)."""
+    mean, std = _imagenet_stats(images01.device)
+    return (images01.float() - mean) / std
 
 
 def to_tokenizer_input(images01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

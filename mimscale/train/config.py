@@ -1,21 +1,26 @@
 """Recipe configuration: dataclasses that hold a paper's numbers, the command line every recipe shares,
-``--set`` overrides with validation, ``--smoke`` shrinking, and the batch plan for any world size.
+``--set`` overrides with validation, ``--smoke`` shrinking, and the :class:`RunPlan` every number the
+trainer derives from them (precision, batch plan, steps, learning rates) for the actual world size.
 
-A recipe is a module-level :class:`TrainConfig` plus ``run(CONFIG)``; everything here is data and the
-pure functions that transform it, so the training loop reads one resolved object.
+A recipe is a function returning a :class:`TrainConfig` (``mimscale.recipes``); everything here is data and
+the pure functions that transform it, so the trainer reads one resolved config and one plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
 import inspect
+import io
 import json
 import math
+import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +36,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # MAE: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    views: list[dict[str, Any]] | None = None  # multi-view methods: one transform dict per view
+    # The augmentation as view dicts (mimscale.data.transforms schema; multi-view methods list one per view),
+    # or the name of a preset in mimscale.data.views built for the model's image size. None: a single
+    # RandomResizedCrop from crop_scale / crop_ratio / hflip.
+    views: list[dict[str, Any]] | str | None = None
     # Where JPEGs are decoded. "workers": the CPU data workers (crop-region libjpeg-turbo decode).
     # "device": the workers only draw crop boxes and ship encoded bytes; the training device
     # decodes (nvJPEG on GPUs), crops and resizes the batch. For hosts whose cores cannot keep up;
@@ -252,7 +260,7 @@ def apply_smoke(cfg: TrainConfig) -> None:
     orig_img = int(cfg.model.get("img_size", 224))
     cfg.model.update(SMOKE_ENCODER)
     cfg.model.update(copy.deepcopy(cls.smoke_kwargs))
-    if cfg.data.views:
+    if isinstance(cfg.data.views, list):  # a preset name is built for the smoke size later
         # Keep each view's size relative to the full crop, snapped to the smoke patch size.
         p = SMOKE_ENCODER["patch_size"]
         for v in cfg.data.views:
@@ -308,6 +316,49 @@ def plan_batch(global_batch: int, world_size: int, max_micro_batch: int) -> Batc
     return BatchPlan(global_batch, world_size, micro, per_rank // micro)
 
 
+def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. fp16 on CPU is refused."""
+    if requested == "auto":
+        return ("bf16" if bf16_supported else "fp16") if on_gpu else "fp32"
+    if requested == "fp16" and not on_gpu:
+        raise ConfigError("precision='fp16' needs a GPU; allowed on CPU: 'fp32', 'bf16', 'auto'")
+    return requested
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every number the trainer derives from the config for one run on ``batch.world_size`` ranks, resolved
+    once (:func:`plan_run`) and read by the optimizer, the schedule, the loader and the progress line."""
+
+    precision: str  # "bf16", "fp16" or "fp32" (``auto`` resolved for the device)
+    batch: BatchPlan
+    steps_per_epoch: int
+    total_steps: int  # the schedule's length (epochs x steps per epoch)
+    stop_step: int  # where this run stops: total_steps, or max_steps if smaller
+    peak_lr: float
+    warmup_start_lr: float
+
+    @property
+    def world_size(self) -> int:
+        return self.batch.world_size
+
+
+def plan_run(
+    cfg: TrainConfig, world_size: int, on_gpu: bool = False, bf16_supported: bool = False
+) -> RunPlan:
+    """The :class:`RunPlan` of ``cfg`` on ``world_size`` ranks (ConfigError naming what is impossible)."""
+    total = total_steps(cfg)
+    return RunPlan(
+        precision=resolve_precision(cfg.precision, on_gpu, bf16_supported),
+        batch=plan_batch(cfg.global_batch, world_size, cfg.max_micro_batch),
+        steps_per_epoch=steps_per_epoch(cfg),
+        total_steps=total,
+        stop_step=min(total, cfg.max_steps) if cfg.max_steps else total,
+        peak_lr=peak_lr(cfg.optim, cfg.global_batch),
+        warmup_start_lr=warmup_start_lr(cfg.optim, cfg.global_batch),
+    )
+
+
 def peak_lr(o: OptimConfig, global_batch: int) -> float:
     """The peak learning rate: ``lr`` if given, else ``blr`` scaled by the global batch."""
     if o.lr is not None:
@@ -333,6 +384,15 @@ def steps_per_epoch(cfg: TrainConfig) -> int:
 
 def total_steps(cfg: TrainConfig) -> int:
     return max(1, int(round(cfg.optim.epochs * steps_per_epoch(cfg))))
+
+
+def derive(base: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """A copy of ``base`` with dotted-key ``changes`` applied and checked as ``--set`` checks them: how a
+    recipe states a size or variant as its base recipe plus the deltas (``{"model.model_name": ...}``)."""
+    cfg = copy.deepcopy(base)
+    for key, value in changes.items():
+        set_override(cfg, key, copy.deepcopy(value))
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -389,8 +449,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def launch_world_size(env: dict[str, str] | None = None) -> int:
+    """The world size the launcher (deepspeed, torchrun, srun) announces before the process group exists."""
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+
+
 def resolve_config(base: TrainConfig, args: argparse.Namespace, recipe_name: str) -> TrainConfig:
-    """Base recipe + --smoke + --set + --data/--output_dir/--max_steps, validated."""
+    """Base recipe + --smoke + --set + --data/--output_dir/--max_steps, validated with everything pure built
+    (:func:`validate`, with the ``--ds_config`` and the launcher's world size)."""
     from mimscale.methods.base import list_methods
 
     cfg = copy.deepcopy(base)
@@ -411,11 +478,102 @@ def resolve_config(base: TrainConfig, args: argparse.Namespace, recipe_name: str
         cfg.max_steps = args.max_steps
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / (recipe_name + ("_smoke" if args.smoke else "")))
-    validate(cfg)
+    validate(cfg, getattr(args, "ds_config", None), launch_world_size())
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, ds_config: str | None = None, world_size: int | None = None) -> None:
+    """Everything that can be checked before a process group or an engine exists, so that a bad value ends
+    with one line and status 2 instead of a traceback minutes into a job: range checks types cannot
+    express, then building every pure piece: the method (on the meta device: shapes and arguments, no
+    memory), the data transform and its number of views against the method's, and, given ``ds_config``
+    and ``world_size``, the batch plan and the DeepSpeed config as DeepSpeed itself parses it."""
+    check_ranges(cfg)
+    validate_model_kwargs(cfg)
+    method = build_method_on_meta(cfg)
+    img_size, patch_size = method_geometry(method)
+    check_transform(cfg, method, img_size, patch_size)
+    if ds_config is not None:
+        from mimscale.train.deepspeed_config import build_ds_config, check_with_deepspeed, load_ds_config
+
+        user, source = load_ds_config(ds_config)
+        plan = plan_run(cfg, world_size or 1)
+        check_with_deepspeed(build_ds_config(user, cfg, plan.batch, "fp32", plan.peak_lr), source)
+
+
+def build_method_on_meta(cfg: TrainConfig) -> Any:
+    """The recipe's method built on the meta device (no memory, no init cost), quietly: a bad model value is
+    a ConfigError naming the config."""
+    import torch
+
+    from mimscale.methods.base import create_method
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return create_method(cfg.method, **cfg.model)
+    except (TypeError, ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"model config {cfg.model}: {e}") from e
+
+
+def method_geometry(method: Any) -> tuple[int, int]:
+    """(image size, patch size) the method's encoder is built for."""
+    enc = method.encoder
+    return int(enc.grid[0] * enc.patch_size), int(enc.patch_size)
+
+
+def resolve_views(cfg: TrainConfig, img_size: int, patch_size: int) -> dict[str, Any] | list[dict[str, Any]]:
+    """The transform spec of the run: the recipe's view dicts, a named preset built for the model's image
+    size, or (no views) one RandomResizedCrop from ``crop_scale`` / ``crop_ratio`` / ``hflip``."""
+    from mimscale.data.views import view_preset
+
+    views = cfg.data.views
+    if isinstance(views, str):
+        try:
+            return view_preset(views, img_size, patch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if views:
+        return views
+    return {"size": img_size, "scale": list(cfg.data.crop_scale), "ratio": list(cfg.data.crop_ratio),
+            "hflip": cfg.data.hflip}
+
+
+def build_data_transform(cfg: TrainConfig, img_size: int, patch_size: int) -> Any:
+    """The per-sample transform the loader's workers run: uint8 crops and views, or, with
+    ``data.decode='device'``, JPEG bytes with crop boxes for the device to decode."""
+    spec = resolve_views(cfg, img_size, patch_size)
+    try:
+        if cfg.data.decode == "device":
+            from mimscale.data.gpu_decode import build_gpu_decode_transform
+
+            return build_gpu_decode_transform(spec[0] if isinstance(spec, list) else spec)
+        from mimscale.data.transforms import build_transform
+
+        return build_transform(spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.views: {e}") from e
+
+
+def transform_views(transform: Any) -> int:
+    """How many views a built transform delivers per image (a :class:`Views` holds several)."""
+    from mimscale.data.transforms import Views
+
+    return len(transform) if isinstance(transform, Views) else 1
+
+
+def check_transform(cfg: TrainConfig, method: Any, img_size: int, patch_size: int) -> None:
+    transform = build_data_transform(cfg, img_size, patch_size)
+    delivered, wanted = transform_views(transform), int(method.views)
+    if delivered != wanted:
+        raise ConfigError(
+            f"data.views delivers {delivered} view(s) per image but method {cfg.method!r} takes {wanted}; "
+            "make the recipe's data.views list that many (count each 'repeat'), or change the method's "
+            "view count (e.g. model.num_local_crops for iBOT)"
+        )
+
+
+def check_ranges(cfg: TrainConfig) -> None:
     """Range checks that types alone cannot express."""
     checks = [
         ("global_batch", cfg.global_batch, cfg.global_batch >= 1, ">= 1"),
@@ -459,7 +617,6 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr!r}: expected > 0 or null")
-    validate_model_kwargs(cfg)
 
 
 def dumps(cfg: TrainConfig) -> str:

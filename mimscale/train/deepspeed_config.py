@@ -17,14 +17,28 @@ Per-step cost (measured with ``benchmarks/train_step.py``, see ``benchmarks/READ
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mimscale.train.config import BatchPlan, ConfigError, OptimConfig, TrainConfig
+from mimscale.train.config import BatchPlan, ConfigError, OptimConfig, TrainConfig, resolve_precision
+
+__all__ = [
+    "SHIPPED",
+    "build_ds_config",
+    "check_with_deepspeed",
+    "deepspeed_knows_zero_key",
+    "load_ds_config",
+    "optimizer_section",
+    "resolve_precision",
+    "skips_grad_norm",
+    "zero_stage",
+]
 
 SHIPPED = ("zero1.json", "zero2.json", "zero3.json", "zero3_offload.json")
 _RECIPE_OWNED = (
@@ -72,15 +86,6 @@ def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
     return off.get("device", "none") not in ("none", None)
 
 
-def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
-    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. fp16 on CPU is refused."""
-    if requested == "auto":
-        return ("bf16" if bf16_supported else "fp16") if on_gpu else "fp32"
-    if requested == "fp16" and not on_gpu:
-        raise ConfigError("precision='fp16' needs a GPU; allowed on CPU: 'fp32', 'bf16', 'auto'")
-    return requested
-
-
 def build_ds_config(
     user_cfg: dict[str, Any], cfg: TrainConfig, plan: BatchPlan, precision: str, lr: float
 ) -> dict[str, Any]:
@@ -112,9 +117,53 @@ def build_ds_config(
         ds.pop(key, None)
     ds.update(ours)
     ds.setdefault("steps_per_print", 10**9)
-    if skips_grad_norm(ds, precision):
+    # ``compute_grad_norm`` exists from DeepSpeed 0.19.7; older releases' config model forbids unknown keys,
+    # so it is written only where the installed DeepSpeed knows it (older ones compute the norm, as before).
+    if skips_grad_norm(ds, precision) and deepspeed_knows_zero_key("compute_grad_norm"):
         ds["zero_optimization"].setdefault("compute_grad_norm", False)
     return ds
+
+
+def deepspeed_knows_zero_key(key: str) -> bool:
+    """Whether the installed DeepSpeed's ``zero_optimization`` section accepts ``key``."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return key in DeepSpeedZeroConfig.model_fields
+
+
+def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
+    """Parse ``ds`` with DeepSpeed's own config classes, as ``deepspeed.initialize`` will, and turn a
+    rejection into a ConfigError naming the key (``zero_optimization.stage: 9`` is otherwise a pydantic
+    traceback after the process group exists). The global batch is the batch plan's business (DeepSpeed
+    would check it against a world size it does not know before the process group exists), so it is left
+    out and DeepSpeed derives it from the micro batch and accumulation."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    unchecked = {k: v for k, v in copy.deepcopy(ds).items() if k != "train_batch_size"}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            DeepSpeedConfig(unchecked)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "?"
+        section = _section_of(ds, where)
+        raise ConfigError(f"--ds_config {source}: {section}{where}={first.get('input')!r}: "
+                          f"{first.get('msg')}") from None
+    except (DeepSpeedConfigError, ValueError, AssertionError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ConfigError(f"--ds_config {source}: DeepSpeed rejects it: {reason}") from None
+
+
+def _section_of(ds: dict[str, Any], key_path: str) -> str:
+    """The top-level section a pydantic location belongs to (DeepSpeed validates sections separately)."""
+    head = key_path.split(".")[0]
+    if head in ds:
+        return ""
+    for name, value in ds.items():
+        if isinstance(value, dict) and head in value:
+            return name + "."
+    return ""
 
 
 def skips_grad_norm(ds: dict[str, Any], precision: str) -> bool:

@@ -28,7 +28,13 @@ def map_slurm_env(env: dict[str, str] | None = None) -> None:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("MASTER_PORT", str(slurm_master_port(int(env.get("SLURM_JOB_ID", "0")))))
+
+
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: derived from the job id so jobs sharing a node never collide, in
+    15000-29999 (below Linux's ephemeral range). ``launch_scripts/_env.sh`` computes the same (tested)."""
+    return 15000 + job_id % 15000
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -50,11 +56,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def unlink_shm_buffers(port: str | int, rank: str | int = "*") -> None:

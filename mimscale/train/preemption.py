@@ -7,7 +7,8 @@ import signal
 from types import FrameType
 
 import torch
-import torch.distributed as dist
+
+from mimscale.dist import all_reduce_max
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: checkpointed on a signal, relaunch the same command to resume
 
@@ -30,9 +31,7 @@ class PreemptionHandler:
     def should_stop(self, device: torch.device) -> bool:
         """Collective when distributed: every rank must call it at the same step."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return bool(all_reduce_max(flag).item() > 0)
 
     def restore(self) -> None:
         for s, h in self._previous.items():

@@ -18,7 +18,6 @@ Every rank checks what it can; rank 0 writes a JSON summary with all ranks' fail
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,21 +30,16 @@ sys.path.insert(0, str(REPO))
 
 import torch.distributed as dist  # noqa: E402
 
+from mimscale.recipes import load_recipe  # noqa: E402
+from mimscale.runs import read_rank_states  # noqa: E402
 from mimscale.train import config as C  # noqa: E402
 from mimscale.train.checkpoint import Checkpointer  # noqa: E402
 from mimscale.train.distributed import run_and_exit  # noqa: E402
-from mimscale.train.loop import train  # noqa: E402
-
-
-def recipe(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # the recipe's `if __name__ == "__main__"` guard keeps it from running
-    return mod.CONFIG
+from mimscale.train.trainer import train  # noqa: E402
 
 
 def run_recipe(name: str, ds_config: str, argv: list[str]) -> int:
-    cfg = C.resolve_config(recipe(name), C.build_parser(prog=name).parse_args(argv), name)
+    cfg = C.resolve_config(load_recipe(name), C.build_parser(prog=name).parse_args(argv), name)
     return train(cfg, ds_config, name)
 
 
@@ -77,10 +71,9 @@ def main() -> None:
     check(Checkpointer(tok_dir, 0).latest() == "step_00000006", "stage 1 checkpoint at step 6")
     check(run_recipe("beit_tokenizer", "zero2.json", [*common, "--max_steps", "10"]) == 0, "stage 1 resume")
     rank = dist.get_rank()
-    extra = torch.load(tok_dir / "checkpoints" / "step_00000010" / f"extra_rank{rank:05d}.pt",
-                       map_location="cpu", weights_only=False)
+    state = read_rank_states(tok_dir / "checkpoints" / "step_00000010")[rank]
     # 10 optimizer steps of one micro-batch each: the window counted all 10 batches across the resume
-    check(extra["method"]["codebook"]["batches"] == 10, f"codebook window batches {extra['method']}")
+    check(state["codebook"]["batches"] == 10, f"codebook window batches {state}")
 
     tok_file = work / "tokenizer.safetensors"
     if rank == 0:

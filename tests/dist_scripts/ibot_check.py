@@ -23,26 +23,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
+from conftest import tiny, zero3_engine  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
 from mimscale.train.distributed import run_and_exit  # noqa: E402
 
-TINY = dict(
-    img_size=32,
-    patch_size=4,
-    embed_dim=64,
-    depth=2,
-    num_heads=4,
-    out_dim=96,
-    head_hidden_dim=64,
-    head_bottleneck_dim=32,
-    num_local_crops=1,
-    drop_path_rate=0.0,
-)
+TINY = tiny(out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, num_local_crops=1, drop_path_rate=0.0)
 ATOL = 1e-5
 
 
@@ -115,15 +105,7 @@ def main() -> None:
     # 2. ZeRO-3 engine, 2 micro-batches per optimizer step.
     torch.manual_seed(0)
     method = create_method("ibot", **TINY)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 2,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-    }
-    params = [p for p in method.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=method, model_parameters=params, config=config)
+    engine = zero3_engine(method, micro_batch=4, accumulation=2)
     module = engine.module
     for step in range(1, 3):
         old_c, old_c2 = module.loss_fn.center.clone(), module.loss_fn.center2.clone()

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from conftest import zero3_engine  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
 from mimscale.models.heads import BYOLProjectionMLP  # noqa: E402
@@ -93,15 +94,7 @@ def check_method_zero3(failures: list[str], checks: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     method = create_method("lut", **TINY)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-    }
-    params = [p for p in method.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=method, model_parameters=params, config=config)
+    engine = zero3_engine(method, micro_batch=4)
     module = engine.module
 
     captured: dict[str, list[torch.Tensor]] = {"head": [], "predictor": []}

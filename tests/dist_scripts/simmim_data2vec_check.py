@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -27,19 +26,21 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 import timm  # noqa: E402
+from conftest import tiny  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from mimscale import create_method  # noqa: E402
+from mimscale.recipes import load_recipe  # noqa: E402
 from mimscale.train import config as C  # noqa: E402
 from mimscale.train.distributed import run_and_exit  # noqa: E402
-from mimscale.train.loop import train  # noqa: E402
+from mimscale.train.trainer import train  # noqa: E402
 
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, drop_path_rate=0.0)
+TINY = tiny(depth=3, drop_path_rate=0.0)
 METHODS = {
     "simmim": dict(mask_patch_size=8),
     # A low decay so one EMA step moves the teacher far beyond the tolerance.
@@ -134,11 +135,8 @@ def check_method(name: str) -> dict[str, float | bool]:
 
 
 def run_recipe(recipe: str, out_dir: Path, extra: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location(recipe, REPO / "recipes" / f"{recipe}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # the recipe only runs under __main__
     argv = ["--smoke", "--ds_config", "zero3.json", "--output_dir", str(out_dir), *extra]
-    cfg = C.resolve_config(mod.CONFIG, C.build_parser(recipe).parse_args(argv), recipe)
+    cfg = C.resolve_config(load_recipe(recipe), C.build_parser(recipe).parse_args(argv), recipe)
     code = train(cfg, "zero3.json", recipe)
     if code != 0:
         raise SystemExit(f"{recipe} exited with {code}")
