@@ -27,12 +27,23 @@ def consolidate(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = Path(root) / tag
+    module_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO-0/1/2 (ZeRO-3 writes one per rank)
+    sd = {}
+    if module_file.is_file():
+        sd = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
     if any(tag_dir.glob("*optim_states.pt")):
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step on stdout
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=False)
-    else:  # ZeRO disabled: the module states file holds the full weights
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = states["module"]
+        # zero_to_fp32 narrates every step on stdout and draws progress bars on stderr
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            merged = get_fp32_state_dict_from_zero_checkpoint(
+                str(root), tag=tag, exclude_frozen_parameters=False
+            )
+        # zero_to_fp32 rebuilds frozen parameters (EMA teachers, BEiT's tokenizer) only from ZeRO-2/3's
+        # frozen-parameter records; under ZeRO-1 they are in the module states file whole, so take them
+        # from there.
+        for k, v in sd.items():
+            if k not in merged and v.numel() > 0:
+                merged[k] = v
+        sd = merged
     return {
         k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
         for k, v in sd.items()
@@ -66,6 +77,8 @@ def export_checkpoint(
         "mimscale.method": meta.method,
         "mimscale.encoder_only": str(bool(encoder_only)).lower(),
         "mimscale.encoder_prefix": "" if encoder_only else meta.encoder_prefix,
+        "mimscale.teacher_prefix": "" if encoder_only else (meta.teacher_prefix or ""),
+        "mimscale.which": "teacher" if meta.encoder_prefix.startswith("teacher.") else "student",
         "timm.model_name": meta.timm_model_name,
         "timm.kwargs": json.dumps(meta.timm_kwargs, sort_keys=True),
         "step": str(meta.step),

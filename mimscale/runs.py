@@ -114,6 +114,8 @@ class RunMeta:
     world_size: int
     config: dict[str, Any] = field(default_factory=dict)  # the resolved recipe config (TrainConfig as a dict)
     step: int = 0
+    teacher_prefix: str | None = None  # state-dict prefix of the EMA teacher's timm encoder, if any
+    evaluates_teacher: bool = False  # the paper evaluates (and releases) the teacher, not the student
 
     _JSON_KEYS = {"timm_model_name": "timm.model_name", "timm_kwargs": "timm.kwargs"}
 
@@ -131,6 +133,10 @@ class RunMeta:
             zero_stage=zero_stage,
             world_size=world_size,
             config=config,
+            teacher_prefix=(
+                method.teacher_export_prefix() if hasattr(method, "teacher_export_prefix") else None
+            ),
+            evaluates_teacher=bool(getattr(method, "evaluates_teacher", False)),
         )
 
     def to_json(self) -> str:
@@ -143,7 +149,7 @@ class RunMeta:
         names = {v: k for k, v in cls._JSON_KEYS.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {names.get(k, k): v for k, v in d.items() if names.get(k, k) in known}
-        missing = known - set(kwargs) - {"config", "step"}
+        missing = known - set(kwargs) - {"config", "step", "teacher_prefix", "evaluates_teacher"}
         if missing:
             raise ValueError(
                 f"{META_FILE} lacks {sorted(missing)}: not a mimscale checkpoint of this version"

@@ -56,6 +56,9 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # Which network the paper evaluates and releases when the method has an EMA teacher: iBOT (and DINO)
+    # the teacher, data2vec and LUT the student. Evaluation and export default to it.
+    evaluates_teacher: ClassVar[bool] = False
     default_model_name: ClassVar[str] = "vit_base_patch16_224"
     smoke_kwargs: ClassVar[dict[str, Any]] = {}
     views: ClassVar[int] = 1

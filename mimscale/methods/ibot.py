@@ -230,6 +230,7 @@ class IBOT(EMATeacherMixin, Method):
     """
 
     name = "ibot"
+    evaluates_teacher = True  # the paper's "backbone (t)": iBOT evaluates and releases the teacher
     smoke_kwargs = {"out_dim": 256, "head_hidden_dim": 64, "head_bottleneck_dim": 32}
 
     def __init__(

@@ -113,6 +113,17 @@ class EMATeacherMixin:
         self.ema.load_state_dict(state[STATE_KEY])
         super().load_sharded_state_dict(state)  # type: ignore[misc]
 
+    def teacher_export_prefix(self) -> str:
+        """The state-dict prefix of the teacher's timm encoder inside the method
+        (``teacher.encoder.backbone.`` when the teacher mirrors an encoder and a head,
+        ``teacher.backbone.`` when it mirrors the encoder alone)."""
+        from mimscale.models.encoder import MaskedEncoder
+
+        for name, module in self.teacher.named_modules():
+            if isinstance(module, MaskedEncoder):
+                return f"teacher.{name}.backbone." if name else "teacher.backbone."
+        raise AttributeError(f"{type(self).__name__}: the teacher holds no MaskedEncoder")
+
     def current_momentum(self) -> float:
         """The momentum of the latest teacher update (restored on resume); the schedule's start before any."""
         m = self.ema.momentum
