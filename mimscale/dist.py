@@ -8,10 +8,21 @@ setup lives in :mod:`mimscale.train.distributed`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_max", "all_reduce_sum", "barrier", "get_rank", "get_world_size", "is_distributed"]
+__all__ = [
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "from_rank0",
+    "gather_objects",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+]
 
 
 def is_distributed() -> bool:
@@ -44,3 +55,21 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a world of one). Collective."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every rank (collective), so all ranks act on one decision."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

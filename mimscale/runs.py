@@ -14,6 +14,7 @@ export and evaluation code never import the trainer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,14 @@ import torch
 
 __all__ = [
     "LATEST",
+    "MANIFEST",
+    "check_files",
+    "file_digest",
+    "list_tags",
+    "manifest_bytes",
+    "rank_owns",
+    "read_manifest",
+    "write_manifest",
     "META_FILE",
     "RunMeta",
     "TAG_RE",
@@ -84,12 +93,20 @@ def read_latest(root: str | Path) -> str | None:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """Accept a run dir, its ``checkpoints/`` dir, or a tag dir; return (checkpoints root, tag)."""
+    """Accept a run dir, its ``checkpoints/`` dir, or a tag dir; return (checkpoints root, tag): the tag
+    ``latest`` names, or (``latest`` broken) the newest tag whose manifest lists files of the right sizes."""
     p = Path(path)
     for root in (p / "checkpoints", p):
         tag = read_latest(root)
         if tag is not None:
             return root, tag
+        for tag in list_tags(root):
+            manifest = read_manifest(root / tag)
+            if manifest is not None and all(
+                (root / tag / n).is_file() and (root / tag / n).stat().st_size == int(f["size"])
+                for n, f in manifest["files"].items()
+            ):
+                return root, tag
     if p.is_dir() and (p / META_FILE).is_file():
         return p.parent, p.name
     raise FileNotFoundError(
@@ -175,3 +192,76 @@ def read_rank_states(tag_dir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{tag_dir}: no extra_rank*.pt files (not a mimscale checkpoint tag)")
     # RNG states and EMA shadows are tensors and plain containers mimscale wrote itself.
     return [torch.load(f, map_location="cpu", weights_only=False)["method"] for f in files]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the manifest: what makes a checkpoint provably complete
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 8 << 20
+
+
+def file_digest(path: Path, sync: bool = False) -> dict[str, Any]:
+    """Size and sha256 of a file (``sync``: also fsync it, so what was hashed is what stays on disk)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def rank_owns(name: str, rank: int) -> bool:
+    """Whether ``rank`` wrote the checkpoint file ``name``: DeepSpeed's ``*_pp_rank_<r>_*`` shards and
+    mimscale's ``extra_rank<r>.pt`` (rank 0 also takes the shared files, see :func:`write_manifest`)."""
+    return bool(re.search(rf"(^|_)pp_rank_{rank}_", name)) or name == extra_file(".", rank).name
+
+
+def read_manifest(tag_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(tag_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> int:
+    return sum(int(f["size"]) for f in manifest["files"].values())
+
+
+def write_manifest(tag_dir: Path, files: dict[str, dict[str, Any]], step: int, world_size: int) -> None:
+    """Written last, after every rank's files are on disk and hashed: its presence proves the tag complete."""
+    manifest = {"version": MANIFEST_VERSION, "step": step, "world_size": world_size, "files": files}
+    atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def check_files(tag_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
+    """Problems with the manifest's files ``names`` (missing, wrong size, wrong checksum), one line each."""
+    problems = []
+    for name in names:
+        want = manifest["files"][name]
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        size = path.stat().st_size
+        if size != int(want["size"]):
+            problems.append(f"{path} has {size} bytes, the manifest says {want['size']} (truncated?)")
+            continue
+        if file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
+    return problems
+
+
+def list_tags(root: str | Path) -> list[str]:
+    """The ``step_*`` tags under ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    tags = [d.name for d in root.iterdir() if d.is_dir() and tag_step(d.name) is not None]
+    return sorted(tags, key=lambda t: tag_step(t) or 0, reverse=True)

@@ -131,14 +131,18 @@ def test_weight_decay_groups_and_cosine_schedule():
 
 
 def test_latest_pointer_and_partial_tags(tmp_path):
+    """Incomplete tags (no manifest) are removed only when older than a complete one; a newer incomplete one
+    (a save killed before its manifest) stays until a save of that step replaces it (issue 12)."""
     root = tmp_path / "run" / "checkpoints"
     (root / "step_00000010").mkdir(parents=True)
     (root / "step_00000010" / "mimscale.json").write_text("{}")
     atomic_write_text(root / "latest", "step_00000010")
     (root / "step_00000020").mkdir()  # a save killed before the pointer moved
+    (root / "step_00000005").mkdir()  # an older one killed the same way
     assert read_latest(root) == "step_00000010"
-    Checkpointer(tmp_path / "run", rank=0).clean_partial()
-    assert not (root / "step_00000020").exists() and (root / "step_00000010").exists()
+    Checkpointer(tmp_path / "run", rank=0).clean_partial(keep_tag="step_00000010")
+    assert (root / "step_00000020").exists() and (root / "step_00000010").exists()
+    assert not (root / "step_00000005").exists()
     assert resolve_checkpoint(tmp_path / "run") == (root, "step_00000010")
     assert resolve_checkpoint(root / "step_00000010") == (root, "step_00000010")
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -59,6 +60,9 @@ class OptimConfig:
     lr: float | None = None  # absolute peak lr; overrides blr scaling when set
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # linear: blr*B/base; sqrt: blr*sqrt(B/base)
     base_batch: int = 256
+    # Scale blr for this global batch instead of the run's own (None). --smoke sets the recipe's real batch
+    # here, so a smoke run keeps the recipe's learning rate and `--set optim.blr=...` still changes it.
+    lr_batch: int | None = None
     warmup_start_blr: float = 0.0  # warmup starts here, scaled like blr (SimMIM: 5e-7 per 512)
     min_lr: float = 0.0
     warmup_epochs: float = 40.0
@@ -154,6 +158,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if abs(value) > FLOAT32_MAX:  # every value ends up in float32 tensors on the device
+                raise ConfigError(f"{key}={value!r}: outside the float32 range (|x| <= {FLOAT32_MAX:.4g})")
             return float(value)
         raise ConfigError(f"{key}={value!r}: expected a finite number")
     if tp is str:
@@ -267,8 +273,8 @@ def apply_smoke(cfg: TrainConfig) -> None:
             if "size" in v:
                 v["size"] = max(p, int(round(v["size"] * SMOKE_ENCODER["img_size"] / orig_img / p)) * p)
     o = cfg.optim
-    if o.lr is None:  # keep the recipe's peak lr at its real batch, so a smoke run learns visibly
-        o.lr = peak_lr(o, cfg.global_batch)
+    if o.lr_batch is None:  # keep the recipe's lr at its real batch, so a smoke run learns visibly
+        o.lr_batch = cfg.global_batch
     scale = 4.0 / o.epochs if o.epochs else 1.0
     o.milestones = [m * scale for m in o.milestones]
     o.epochs, o.warmup_epochs = 4.0, 1.0
@@ -367,6 +373,7 @@ def peak_lr(o: OptimConfig, global_batch: int) -> float:
 
 
 def _lr_factor(o: OptimConfig, global_batch: int) -> float:
+    global_batch = o.lr_batch or global_batch
     if o.lr_scaling == "linear":
         return global_batch / o.base_batch
     if o.lr_scaling == "sqrt":
@@ -590,6 +597,8 @@ def check_ranges(cfg: TrainConfig) -> None:
             "between 0 and optim.epochs",
         ),
         ("optim.blr", cfg.optim.blr, cfg.optim.blr > 0, "> 0"),
+        ("optim.lr_batch", cfg.optim.lr_batch, cfg.optim.lr_batch is None or cfg.optim.lr_batch >= 1,
+         ">= 1 or null"),
         ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
         (
             "optim.grad_clip",
@@ -617,6 +626,15 @@ def check_ranges(cfg: TrainConfig) -> None:
         )
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr!r}: expected > 0 or null")
+    for f in dataclasses.fields(cfg.optim):  # recipes build these directly, not through --set
+        value = getattr(cfg.optim, f.name)
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ConfigError(f"optim.{f.name}={value!r}: expected a finite number in the float32 range")
+    for name, value in (("peak lr", peak_lr(cfg.optim, cfg.global_batch)),
+                        ("warm-up start lr", warmup_start_lr(cfg.optim, cfg.global_batch))):
+        if not (math.isfinite(value) and value <= FLOAT32_MAX):
+            raise ConfigError(f"optim: the {name} {value!r} (optim.blr scaled by the batch) is outside the "
+                              "float32 range; lower optim.blr or set optim.lr")
 
 
 def dumps(cfg: TrainConfig) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from mimscale.train import config as C
+from mimscale.train.checkpoint import CheckpointError
 from mimscale.train.distributed import run_and_exit
 
 __all__ = ["run"]
@@ -44,6 +45,9 @@ def run(base: C.TrainConfig, argv: list[str] | None = None, recipe_name: str | N
         except C.ConfigError as e:  # may come after the process group exists: ends like a finished run
             print(f"{name}: error: {e}", file=sys.stderr)
             code = 2
+        except CheckpointError as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            code = e.exit_code
         else:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"[mimscale] exit {code} after {time.time() - t0:.0f}s", flush=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mimscale.dist import all_reduce_max
 from mimscale.train.config import OptimConfig, RunPlan, TrainConfig
 from mimscale.train.deepspeed_config import build_ds_config
 from mimscale.train.schedule import build_multiplier
@@ -92,9 +93,8 @@ class WeightDecaySchedule:
         return weight_decay_at(self.optim, step, self.total_steps)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Set the decay of every group marked ``decay`` for ``step`` (a no-op when constant)."""
-        if not self.scheduled:
-            return
+        """Set the decay of every group marked ``decay`` for ``step`` (the constant one too, so a value
+        changed on resume wins over the one restored with the optimizer's state)."""
         wd = self(step)
         for g in optimizer.param_groups:
             if g.get("decay", True):
@@ -131,6 +131,39 @@ class Engine:
     @property
     def module(self) -> Any:
         return self.engine.module
+
+    def restore_schedule(self, cfg: TrainConfig, plan: RunPlan, step: int) -> None:
+        """After resuming at ``step``: the optimizer's hyper-parameters and learning rate as the *current*
+        config says, for that step. The lr schedule is a function of the step and the config, not state:
+        a checkpointed scheduler (its peak lr, its lambdas) would silently override ``--set optim.lr=...``
+        given on resume, so it is not loaded; the AdamW betas/eps and weight decay restored with the
+        optimizer's state give way to the config's likewise."""
+        scheduler = self.scheduler
+        optimizer = scheduler.optimizer
+        scheduler.base_lrs = [plan.peak_lr] * len(optimizer.param_groups)
+        scheduler.last_epoch = step
+        lrs = [base * lam(step) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["initial_lr"], group["lr"] = plan.peak_lr, lr
+            group["betas"], group["eps"] = tuple(cfg.optim.betas), cfg.optim.eps
+        scheduler._last_lr = lrs
+        self.weight_decay.apply(optimizer, step)
+
+    def state_is_finite(self) -> bool:
+        """Whether every rank's fp32 master weights (its ZeRO partitions, or the parameters) are finite
+        (collective; one pass over this rank's partition on its device): checked before a checkpoint is
+        written, since the loss read before a step cannot show that the step itself overflowed."""
+        opt = self.engine.optimizer
+        flats = (getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+                 or getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+                 or getattr(opt, "fp32_groups_flat_partition", None))  # bf16 ZeRO-0/1 optimizer
+        tensors = list(flats) if flats else [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        bad = torch.zeros((), dtype=torch.int32, device=device)
+        for t in tensors:
+            if t.numel():
+                bad |= (~torch.isfinite(t)).any().to(torch.int32)
+        return not bool(all_reduce_max(bad).item())
 
 
 def build_engine(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimscale.dist import all_reduce_max, barrier
+from mimscale.dist import all_reduce_max, barrier, from_rank0
 from mimscale.runs import RunMeta
 from mimscale.train import config as C
 from mimscale.train.checkpoint import Checkpointer
@@ -28,11 +29,29 @@ from mimscale.train.inputs import build_inputs
 from mimscale.train.optim import build_engine
 from mimscale.train.preemption import EXIT_RESUMABLE, PreemptionHandler
 from mimscale.train.progress import ProgressLogger
+from mimscale.train.supervision import ParentWatchdog, RunLock, RunLockedError
 
-__all__ = ["EXIT_DIVERGED", "SIGNAL_CHECK_EVERY", "Trainer", "train"]
+__all__ = ["EXIT_DIVERGED", "EXIT_NOT_SAVED", "SIGNAL_CHECK_EVERY", "Trainer", "train"]
 
 SIGNAL_CHECK_EVERY = 5  # steps between collective checks for a preemption signal
-EXIT_DIVERGED = 3  # the loss became non-finite; not resumable as is (75 means "resume me")
+EXIT_NOT_SAVED = 1  # the run finished but its final checkpoint could not be written
+EXIT_DIVERGED = 3  # the loss or the weights became non-finite; not resumable as is (75 means "resume me")
+
+
+class Diverged(Exception):
+    """The weights about to be checkpointed are not finite: the run stops without saving them."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("model", "smoke"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, dict):
+            out.update({f"{prefix}{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -74,16 +93,17 @@ class Trainer:
         # the loader's forked workers inherit the handler instead of dying from the signal mid-batch.
         self.preempt = PreemptionHandler()
         self.cfg = cfg
+        launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # by a launcher, not plain python
         self.rank, world, local_rank = init_distributed()
+        self.watchdog = ParentWatchdog(self.rank).start() if launched else None
+        self.out_dir = Path(cfg.output_dir or "runs/default")
+        self.lock = self._lock_output_dir()
         accel = deepspeed.get_accelerator()
         on_gpu = accel.device_name() == "cuda"
         if on_gpu:
             accel.set_device(local_rank)
         self.device = torch.device(accel.current_device_name() if on_gpu else "cpu")
         cpu_setup = None if on_gpu else configure_cpu_rank()  # threads per rank, no per-step page faults
-        self.out_dir = Path(cfg.output_dir or "runs/default")
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.plan = plan = C.plan_run(cfg, world, on_gpu, on_gpu and accel.is_bf16_supported())
 
         seed_everything(cfg.seed + self.rank)
@@ -98,11 +118,11 @@ class Trainer:
         self.module = self.engine.module
 
         self.ckpt = Checkpointer(self.out_dir, self.rank, cfg.keep_checkpoints, cfg.ckpt_interval)
-        self.ckpt.clean_partial()
-        barrier()
         self.global_step = start_step = self.ckpt.load(self.engine.engine, self.module)
         ds_cfg = self.engine.ds_config
         self.meta = RunMeta.from_method(self.module, recipe_name, C.to_dict(cfg), zero_stage(ds_cfg), world)
+        if start_step:
+            self.engine.restore_schedule(cfg, plan, start_step)  # the current config's lr and optimizer
         if self.rank == 0:
             (self.out_dir / "config.json").write_text(C.dumps(cfg))
             (self.out_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
@@ -135,6 +155,8 @@ class Trainer:
             + (f"; {cpu_setup}" if cpu_setup else "")
         )
 
+        if start_step:
+            self._report_config_changes()
         self.means = RunningMeans()
         self.skipped = 0
         self.last_batch: tuple[Any, Any] | None = None
@@ -177,50 +199,90 @@ class Trainer:
         scalars["skipped_samples"] = float(self.skipped)
         self.progress.log(self.global_step, scalars)
 
-    def save(self) -> None:
-        self.ckpt.save(self.engine.engine, self.module, self.global_step, self.meta)
+    def save(self) -> bool:
+        """Checkpoint this step unless its weights are not finite; False when nothing was written."""
+        if not self.engine.state_is_finite():
+            self.progress.message(
+                f"the weights after step {self.global_step} are not finite (the step overflowed): not "
+                f"checkpointing them; the last good checkpoint is {self.ckpt.latest() or 'none'} (lower "
+                "the lr, raise warm-up, or clip gradients)")
+            raise Diverged()
+        written = self.ckpt.save(self.engine.engine, self.module, self.global_step, self.meta)
         self.progress.restart_clock(self.global_step)
+        return written
+
+    def _lock_output_dir(self) -> RunLock | None:
+        """Rank 0 takes the output directory's lock; every rank refuses to start if another run holds it."""
+        lock, error = None, None
+        if self.rank == 0:
+            lock = RunLock(self.out_dir)
+            try:
+                note = lock.acquire()
+                if note:
+                    print(f"[mimscale] {self.out_dir}: {note}", flush=True)
+            except RunLockedError as e:
+                lock, error = None, str(e)
+        error = from_rank0(error)
+        if error:
+            raise C.ConfigError(error)
+        return lock
+
+    def _report_config_changes(self) -> None:
+        """On resume, say which config values differ from the checkpoint's (the current ones apply)."""
+        if self.rank != 0 or self.ckpt.resumed_from is None:
+            return
+        before = _flatten(RunMeta.read(self.ckpt.root / self.ckpt.resumed_from).config)
+        now = _flatten(json.loads(json.dumps(C.to_dict(self.cfg))))  # as saved: tuples become lists
+        ignore = {"max_steps", "output_dir"}
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+                   if k not in ignore and before.get(k) != now.get(k)]
+        if changed:
+            self.progress.message(f"resuming {self.ckpt.resumed_from} with config changes (the new values "
+                                  "apply): " + "; ".join(changed))
 
     # ---- the policy ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Train to the stop step; returns the exit code (0 done, 3 diverged, 75 checkpointed on a signal)."""
+        """Train to the stop step; returns the exit code (0 done, 1 finished without its final checkpoint,
+        3 diverged, 75 checkpointed on a signal). The policy itself is :meth:`_train_until`."""
         cfg, stop, code = self.cfg, self.plan.stop_step, 0
         self.progress.restart_clock(self.global_step)
         try:
-            while self.global_step < stop:
-                self.step()
-                step = self.global_step
-                if step % cfg.log_interval == 0 or step == stop:
-                    self.log()
-                checking = step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == stop
-                if checking and self.diverged():
-                    self.progress.message(
-                        f"non-finite loss by step {step}: stopping without a checkpoint; the last good one "
-                        f"is "
-                        f"{self.ckpt.latest() or 'none'} (lower the lr, raise warm-up, or clip gradients)"
-                    )
-                    code = EXIT_DIVERGED
-                    break
-                if self.ckpt.should_save(step, stop):
-                    self.save()
-                if step % SIGNAL_CHECK_EVERY == 0 and step < stop and self.preempt.should_stop(self.device):
-                    if self.diverged():
-                        self.progress.message(f"non-finite loss by step {step}: not checkpointing it")
-                        code = EXIT_DIVERGED
-                        break
-                    self.progress.message(
-                        f"signal {self.preempt.received or 'on another rank'}: checkpointing step {step}"
-                    )
-                    self.save()
-                    self.progress.message(f"checkpoint written; exiting with {EXIT_RESUMABLE} to be resumed")
-                    code = EXIT_RESUMABLE
-                    break
-            else:
-                self.progress.message(f"done: step {self.global_step}, checkpoint in {self.ckpt.root}")
+            code = self._train_until(cfg, stop)
+        except Diverged:
+            code = EXIT_DIVERGED
         finally:
             self.progress.close()
         self.finish()
         return code
+
+    def _train_until(self, cfg: C.TrainConfig, stop: int) -> int:
+        while self.global_step < stop:
+            self.step()
+            step = self.global_step
+            if step % cfg.log_interval == 0 or step == stop:
+                self.log()
+            checking = step % cfg.log_interval == 0 or step % cfg.ckpt_interval == 0 or step == stop
+            if checking and self.diverged():
+                self.progress.message(
+                    f"non-finite loss by step {step}: stopping without a checkpoint; the last good one is "
+                    f"{self.ckpt.latest() or 'none'} (lower the lr, raise warm-up, or clip gradients)")
+                return EXIT_DIVERGED
+            if self.ckpt.should_save(step, stop) and not self.save() and step == stop:
+                self.progress.message(f"done at step {step}, but its checkpoint could not be written (see "
+                                      f"above); the last one is {self.ckpt.latest() or 'none'}")
+                return EXIT_NOT_SAVED
+            if step % SIGNAL_CHECK_EVERY == 0 and step < stop and self.preempt.should_stop(self.device):
+                if self.diverged():
+                    self.progress.message(f"non-finite loss by step {step}: not checkpointing it")
+                    return EXIT_DIVERGED
+                self.progress.message(f"signal {self.preempt.received or 'on another rank'}: "
+                                      f"checkpointing step {step}")
+                written = self.save()
+                self.progress.message(("checkpoint written" if written else "no new checkpoint (see above)")
+                                      + f"; exiting with {EXIT_RESUMABLE} to be resumed")
+                return EXIT_RESUMABLE
+        self.progress.message(f"done: step {self.global_step}, checkpoint in {self.ckpt.root}")
+        return 0
 
     def finish(self) -> None:
         """Pictures on rank 0, then release what the run holds (collective)."""
@@ -229,6 +291,10 @@ class Trainer:
         barrier()
         release_shm_buffers()  # CPU runs: DeepSpeed leaves its all-reduce buffers in /dev/shm otherwise
         self.preempt.restore()
+        if self.lock is not None:
+            self.lock.release()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     def _write_pictures(self) -> None:
         from mimscale.train.visualize import plot_metrics, save_reconstruction_grid
