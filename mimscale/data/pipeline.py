@@ -487,6 +487,7 @@ def build_train_loader(
     pin_memory: bool = False,
     drop_last: bool = True,
     prefetch_factor: int = 2,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """Build this rank's training loader; iterate it to get :class:`Batch` objects.
 
@@ -505,6 +506,8 @@ def build_train_loader(
         shards, otherwise some workers would have nothing to read).
     shuffle_buffer: samples held per worker for shuffling (raw bytes; 0 or 1 disables it).
     drop_last: drop a worker's final partial batch (only reachable with ``resampled=False``).
+    worker_init_fn: run in each worker process after PyTorch's own set-up (e.g. the trainer makes its
+        workers ignore preemption signals, which the rank process handles).
     """
     url_list = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
     if not url_list:
@@ -541,6 +544,7 @@ def build_train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=worker_init_fn,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
 

@@ -17,6 +17,7 @@ import torch
 
 from mimscale.dist import barrier
 from mimscale.train.config import TrainConfig, build_data_transform
+from mimscale.train.preemption import workers_ignore_preemption
 
 __all__ = ["Inputs", "build_inputs", "demo_data_spec"]
 
@@ -81,6 +82,7 @@ def build_inputs(
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=device.type == "cuda",
+        worker_init_fn=workers_ignore_preemption,
     )
 
     def to_device(images: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:

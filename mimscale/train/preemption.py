@@ -11,12 +11,27 @@ import torch
 from mimscale.dist import all_reduce_max
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: checkpointed on a signal, relaunch the same command to resume
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def workers_ignore_preemption(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: data workers ignore SIGTERM/SIGUSR1, which the rank handles.
+
+    A preemption signal goes to every process of the job (SLURM ``scancel --signal=TERM --full``, a kill of
+    the process group, DeepSpeed's launcher terminating each rank's process tree). PyTorch's workers install
+    their own SIGTERM handler, which dies unless the sender is the rank itself, and the rank then fails
+    ("DataLoader worker ... is killed by signal: Terminated") before it can checkpoint. Ignored here, the
+    workers live until the rank has checkpointed and exits; they follow it out (PyTorch's workers watch
+    their parent).
+    """
+    for s in PREEMPTION_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class PreemptionHandler:
     """Records a signal; :meth:`should_stop` reduces the flag across ranks so all stop at the same step."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS) -> None:
         self.received: int | None = None
         self._previous = {}
         for s in signals:

@@ -137,10 +137,15 @@ class ParentWatchdog:
     def stop(self) -> None:
         self._stop.set()
 
+    def check(self) -> None:
+        """End the process now if the launcher is gone (also called right before a checkpoint is written,
+        so none is written after the launcher died)."""
+        if os.getppid() != self.parent:
+            print(f"[mimscale] rank {self.rank}: its launcher (pid {self.parent}) is gone; stopping now, "
+                  "without a checkpoint (relaunch the same command to resume from the last one)",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_ORPHANED)
+
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if os.getppid() != self.parent:
-                print(f"[mimscale] rank {self.rank}: its launcher (pid {self.parent}) is gone; stopping now, "
-                      "without a checkpoint (relaunch the same command to resume from the last one)",
-                      file=sys.stderr, flush=True)
-                os._exit(EXIT_ORPHANED)
+            self.check()

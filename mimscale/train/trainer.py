@@ -201,6 +201,8 @@ class Trainer:
 
     def save(self) -> bool:
         """Checkpoint this step unless its weights are not finite; False when nothing was written."""
+        if self.watchdog is not None:
+            self.watchdog.check()
         if not self.engine.state_is_finite():
             self.progress.message(
                 f"the weights after step {self.global_step} are not finite (the step overflowed): not "
