@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
     meth = sub.add_parser("methods", help="list the registered pretraining methods")
     meth.set_defaults(func=_methods)
+    from mimscale.analysis.cli import add_parser as add_analyze_parser
+    add_analyze_parser(sub)
     return p
 
 

@@ -75,7 +75,8 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes of another size
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -263,6 +264,11 @@ def load_encoder(weights: str | Path, which: str = "auto", img_size: int | None 
     import timm
 
     name, kwargs, sd, info = encoder_state(weights, which)
+    if not timm.is_model(name):  # e.g. the BEiT tokenizer's dVAE; timm would only say "Unknown model"
+        raise ValueError(
+            f"--weights {weights}: holds a {name!r} model ({info.get('method') or 'unknown method'}), "
+            "not a timm architecture; expected the weights of a ViT/BEiT encoder"
+        )
     if not sd:
         raise ValueError(f"--weights {weights}: no encoder weights found for {which!r}")
     kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
