@@ -14,7 +14,6 @@ alternative (DeepSpeed's ``gradient_clipping``) against ``torch.nn.utils.clip_gr
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
