@@ -102,8 +102,10 @@ def _pick(which: str, evaluates_teacher: bool, has_teacher: bool, what: str) -> 
     return which
 
 
-def _teacher_from_shadow(tag_dir: Path, relative_prefix: str) -> dict[str, torch.Tensor] | None:
-    """The teacher encoder's fp32 EMA shadow from a checkpoint's per-rank states, or None without one."""
+def teacher_shadow(tag_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The EMA teacher's fp32 shadow in a checkpoint (every rank's partitions merged), keyed by the teacher
+    module's own names, or None when the checkpoint has none. Under bf16 the teacher module itself is bf16;
+    this is the precise copy the EMA keeps."""
     from mimscale.ema import consolidate_state_dicts
     from mimscale.runs import read_rank_states
 
@@ -114,7 +116,7 @@ def _teacher_from_shadow(tag_dir: Path, relative_prefix: str) -> dict[str, torch
     if not states:
         return None
     full = consolidate_state_dicts(states)
-    return _strip({**full["params"], **full["buffers"]}, relative_prefix)
+    return {**full["params"], **full["buffers"]}
 
 
 def _from_checkpoint(path: Path, which: str) -> tuple[str, dict, dict[str, torch.Tensor], dict[str, Any]]:
@@ -135,7 +137,7 @@ def _from_checkpoint(path: Path, which: str) -> tuple[str, dict, dict[str, torch
     which = _pick(which, meta.evaluates_teacher, teacher_prefix is not None, f"checkpoint {root / tag}")
     if which == "teacher":
         enc = _strip(sd, teacher_prefix)
-        shadow = _teacher_from_shadow(root / tag, teacher_prefix.removeprefix("teacher."))
+        shadow = _strip(teacher_shadow(root / tag) or {}, teacher_prefix.removeprefix("teacher."))
         if shadow:  # fp32 EMA values for every float tensor the shadow holds
             enc.update({k: v.float() for k, v in shadow.items() if k in enc})
     else:

@@ -13,7 +13,9 @@ def ibot_vitb() -> TrainConfig:
     momentum cosine 0.996 -> 1 per step; teacher temperatures 0.04 -> 0.07 over 30 epochs; last head layer
     frozen for the first epoch with no gradient at all (AdamW skips it, as ``cancel_gradients_last_layer``);
     each parameter's gradient clipped to norm 3.0 on its own (``utils.clip_gradients``; the global-norm
-    alternative is ``--set optim.clip_mode=global``). ``--smoke``: 32 px global and 12 px local crops, two
+    alternative is ``--set optim.clip_mode=global``). Export and evaluation default to the teacher (the paper
+    reports and releases "backbone (t)"), from its fp32 EMA shadow; ``--which student`` for the student.
+    ``--smoke``: 32 px global and 12 px local crops, two
     local crops."""
     return TrainConfig(
         method="ibot",
