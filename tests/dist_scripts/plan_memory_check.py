@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -221,7 +220,6 @@ def main() -> None:
                 indent=1,
             )
         )
-    os.environ.get("RANK")
 
 
 if __name__ == "__main__":
