@@ -1,4 +1,4 @@
-"""The ``mimscale`` command: ``make-shards``, ``export``, ``methods``.
+"""The ``mimscale`` command: ``make-shards``, ``export``, ``methods``, ``analyze``, ``plan``.
 
 Training itself is started through a recipe (``deepspeed recipes/mae_vitl.py --ds_config zero2.json``).
 """
@@ -30,7 +30,9 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mimscale.analysis.cli import add_parser as add_analyze_parser
     from mimscale.data.shards import add_make_shards_arguments, run_make_shards
+    from mimscale.planning.cli import add_parser as add_plan_parser
 
     p = argparse.ArgumentParser(prog="mimscale", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
     meth = sub.add_parser("methods", help="list the registered pretraining methods")
     meth.set_defaults(func=_methods)
-    from mimscale.analysis.cli import add_parser as add_analyze_parser
     add_analyze_parser(sub)
+    add_plan_parser(sub)
     return p
 
 
