@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,3 +197,14 @@ def test_a_full_disk_skips_the_save_and_keeps_the_last_checkpoint(tmp_path: Path
         assert "basic_ios" not in out and "unexpected pos" not in out
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_rank_that_fails_while_its_data_workers_run_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """The traceback keeps the loader alive and its workers ignore SIGTERM: multiprocessing's exit handler
+    used to SIGTERM and join them forever, so a failed rank hung and its peers waited out gloo's timeout."""
+    script = REPO / "tests" / "dist_scripts" / "fail_with_workers.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "RuntimeError: failing while the data workers run" in proc.stderr
+    assert "killed by signal" not in proc.stderr

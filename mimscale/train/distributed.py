@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import atexit
 import glob
+import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -112,7 +115,19 @@ def exit_process(code: int = 0) -> NoReturn:
     ``os._exit`` ends the process while those threads are still parked. Nothing is lost: the atexit
     handlers run first (the interpreter is fully alive then), the collectives have completed, checkpoints
     and metrics are written with closed files, and the status is passed on unchanged.
+
+    Daemonic children (the DataLoader's workers) are killed first: after an exception the traceback keeps
+    the loader's iterator alive, so its workers were never told to stop, and they ignore SIGTERM during
+    training (:func:`mimscale.train.preemption.workers_ignore_preemption`); multiprocessing's exit handler
+    would SIGTERM and then join them forever, and the failed rank would hang instead of ending (its peers
+    then wait in their next collective until gloo's timeout).
     """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would report these kills as errors
+    for child in workers:
+        child.kill()
+        child.join(timeout=5)
     try:
         atexit._run_exitfuncs()
     finally:
