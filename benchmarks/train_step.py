@@ -57,6 +57,7 @@ from mimscale.data.pipeline import normalize_on_device  # noqa: E402
 from mimscale.flops import count_flops, detect_peak_tflops, method_flops  # noqa: E402
 from mimscale.methods.base import Method, create_method  # noqa: E402
 from mimscale.train.cpu_ranks import flush_denormals, retain_freed_memory  # noqa: E402
+from mimscale.train.grad_rules import base_optimizer  # noqa: E402
 
 
 def load_recipe(name: str) -> Any:
@@ -117,16 +118,6 @@ def build_engine(
             ds_cfg["optimizer"]["params"].pop("fused", None)
 
     return trainer_engine(method, cfg, plan, user, adjust_ds_config=unfuse).engine
-
-
-def base_optimizer(engine: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16/fp16 optimizers)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) or isinstance(
-        getattr(opt, "optimizer", None), torch.optim.Optimizer
-    ):
-        opt = opt.optimizer
-    return opt
 
 
 def adam_impl(opt: torch.optim.Optimizer) -> str:

@@ -372,6 +372,15 @@ class EMATeacher:
         self._step, self._momentum = step, m
         return m
 
+    def full_shadow(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 shadow as whole tensors by name (parameters and float buffers), to run the teacher in
+        fp32; None under ZeRO-3, where each rank holds only its partitions."""
+        self._ensure_init()
+        _, t_params, _, _ = self._resolve()
+        if any(_is_zero3(t_params[n]) for n in self._param_names):
+            return None
+        return {**self._shadow_params, **self._shadow_buffers}
+
     @torch.no_grad()
     def reset_from_student(self) -> None:
         """Set the teacher (and shadow) to the student, shard by shard: for teachers not built by deepcopy

@@ -56,29 +56,42 @@ def read_meta(root: str | Path, tag: str) -> RunMeta:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, encoder_only: bool = False
+    checkpoint: str | Path, output: str | Path, encoder_only: bool = False, which: str = "auto"
 ) -> dict[str, str]:
-    """Write ``output`` (.safetensors) from a run dir / checkpoints dir / tag dir; returns the metadata."""
+    """Write ``output`` (.safetensors) from a run dir / checkpoints dir / tag dir; returns the metadata.
+
+    ``encoder_only``: the encoder with timm's keys, the ``student`` or the ``teacher`` (methods with an EMA
+    teacher); ``auto`` follows the paper (iBOT releases the teacher, data2vec and LUT the student). A teacher
+    comes from the fp32 EMA shadow, not the (under bf16: bf16) module copy. Without ``encoder_only``, the
+    whole method, its teacher's tensors also taken from the fp32 shadow.
+    """
     from safetensors.torch import save_file
+
+    from mimscale.weights import encoder_state, teacher_shadow
 
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"--output {str(output)!r}: expected a file name ending in .safetensors")
     root, tag = resolve_checkpoint(checkpoint)
     meta = read_meta(root, tag)
-    sd = consolidate(root, tag)
     if encoder_only:
-        prefix = meta.encoder_prefix
-        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        _, _, sd, info = encoder_state(root / tag, which)
+        chosen = info["which"]
         if not sd:
-            raise RuntimeError(f"no encoder weights under {prefix!r} in {root / tag}")
+            raise RuntimeError(f"no {chosen} encoder weights in {root / tag}")
+    else:
+        sd = consolidate(root, tag)
+        for name, value in (teacher_shadow(root / tag) or {}).items():
+            if f"teacher.{name}" in sd and value.is_floating_point():
+                sd[f"teacher.{name}"] = value.float().contiguous()
+        chosen = "teacher" if meta.evaluates_teacher and meta.teacher_prefix else "student"
     metadata = {
         "format": "pt",
         "mimscale.method": meta.method,
         "mimscale.encoder_only": str(bool(encoder_only)).lower(),
         "mimscale.encoder_prefix": "" if encoder_only else meta.encoder_prefix,
         "mimscale.teacher_prefix": "" if encoder_only else (meta.teacher_prefix or ""),
-        "mimscale.which": "teacher" if meta.encoder_prefix.startswith("teacher.") else "student",
+        "mimscale.which": chosen,
         "timm.model_name": meta.timm_model_name,
         "timm.kwargs": json.dumps(meta.timm_kwargs, sort_keys=True),
         "step": str(meta.step),
@@ -91,20 +104,9 @@ def export_checkpoint(
     return metadata
 
 
-def load_timm_encoder(path: str | Path) -> torch.nn.Module:
-    """Rebuild the exported encoder as a plain timm model (strict load), for fine-tuning or features."""
-    import timm
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def load_timm_encoder(path: str | Path, which: str = "auto") -> torch.nn.Module:
+    """Rebuild the exported encoder as a plain timm model (strict load), for fine-tuning or features
+    (:func:`mimscale.weights.load_encoder` for any other weights and their provenance)."""
+    from mimscale.weights import load_encoder
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    model = timm.create_model(
-        meta["timm.model_name"], pretrained=False, num_classes=0, **json.loads(meta["timm.kwargs"])
-    )
-    sd = load_file(str(path))
-    prefix = meta.get("mimscale.encoder_prefix", "")
-    if prefix:
-        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return load_encoder(path, which).model

@@ -75,7 +75,8 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes of another size
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -101,8 +102,10 @@ def _pick(which: str, evaluates_teacher: bool, has_teacher: bool, what: str) -> 
     return which
 
 
-def _teacher_from_shadow(tag_dir: Path, relative_prefix: str) -> dict[str, torch.Tensor] | None:
-    """The teacher encoder's fp32 EMA shadow from a checkpoint's per-rank states, or None without one."""
+def teacher_shadow(tag_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The EMA teacher's fp32 shadow in a checkpoint (every rank's partitions merged), keyed by the teacher
+    module's own names, or None when the checkpoint has none. Under bf16 the teacher module itself is bf16;
+    this is the precise copy the EMA keeps."""
     from mimscale.ema import consolidate_state_dicts
     from mimscale.runs import read_rank_states
 
@@ -113,7 +116,7 @@ def _teacher_from_shadow(tag_dir: Path, relative_prefix: str) -> dict[str, torch
     if not states:
         return None
     full = consolidate_state_dicts(states)
-    return _strip({**full["params"], **full["buffers"]}, relative_prefix)
+    return {**full["params"], **full["buffers"]}
 
 
 def _from_checkpoint(path: Path, which: str) -> tuple[str, dict, dict[str, torch.Tensor], dict[str, Any]]:
@@ -134,7 +137,7 @@ def _from_checkpoint(path: Path, which: str) -> tuple[str, dict, dict[str, torch
     which = _pick(which, meta.evaluates_teacher, teacher_prefix is not None, f"checkpoint {root / tag}")
     if which == "teacher":
         enc = _strip(sd, teacher_prefix)
-        shadow = _teacher_from_shadow(root / tag, teacher_prefix.removeprefix("teacher."))
+        shadow = _strip(teacher_shadow(root / tag) or {}, teacher_prefix.removeprefix("teacher."))
         if shadow:  # fp32 EMA values for every float tensor the shadow holds
             enc.update({k: v.float() for k, v in shadow.items() if k in enc})
     else:
@@ -263,6 +266,11 @@ def load_encoder(weights: str | Path, which: str = "auto", img_size: int | None 
     import timm
 
     name, kwargs, sd, info = encoder_state(weights, which)
+    if not timm.is_model(name):  # e.g. the BEiT tokenizer's dVAE; timm would only say "Unknown model"
+        raise ValueError(
+            f"--weights {weights}: holds a {name!r} model ({info.get('method') or 'unknown method'}), "
+            "not a timm architecture; expected the weights of a ViT/BEiT encoder"
+        )
     if not sd:
         raise ValueError(f"--weights {weights}: no encoder weights found for {which!r}")
     kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}

@@ -495,10 +495,17 @@ def test_recipe_smoke_resumes_with_teacher_and_centres_and_exports_to_timm(
     torch.testing.assert_close(sd10[f"teacher.{v}"], sd10[v], rtol=0, atol=1e-6)
     assert (sd20[v] - sd10[v]).abs().max() > 1e-4
 
+    # iBOT releases the teacher (the paper's "backbone (t)"): the default export, from the fp32 EMA shadow;
+    # the student by choice.
     path = tmp_path / "ibot.safetensors"
-    export_checkpoint(run, path, encoder_only=True)
+    meta = export_checkpoint(run, path, encoder_only=True)
     model = load_timm_encoder(path)  # strict
     assert type(model).__name__ == "VisionTransformer" and model.embed_dim == 64
     sd30 = consolidate(ckpts, "step_00000030")
-    torch.testing.assert_close(model.pos_embed, sd30["encoder.backbone.pos_embed"], rtol=0, atol=0)
+    assert meta["mimscale.which"] == "teacher"
+    torch.testing.assert_close(model.pos_embed, sd30["teacher.encoder.backbone.pos_embed"], rtol=0, atol=0)
+    student = tmp_path / "ibot_student.safetensors"
+    assert export_checkpoint(run, student, encoder_only=True, which="student")["mimscale.which"] == "student"
+    torch.testing.assert_close(load_timm_encoder(student).pos_embed, sd30["encoder.backbone.pos_embed"],
+                               rtol=0, atol=0)
     assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 65, 64)

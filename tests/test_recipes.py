@@ -202,3 +202,18 @@ def test_launch_scripts_derive_the_rendezvous_port_like_python() -> None:
     base, mod = map(int, re.search(r"\$\(\((\d+) \+ SLURM_JOB_ID % (\d+)\)\)", text).groups())
     for job in (0, 1, 14999, 15000, 123456789):
         assert base + job % mod == slurm_master_port(job)
+
+
+def test_smoke_keeps_blr_overridable_and_floats_stay_in_float32() -> None:
+    def peak(*overrides: str) -> float:
+        args = C.build_parser().parse_args(["--smoke", *[a for o in overrides for a in ("--set", o)]])
+        cfg = C.resolve_config(load_recipe("mae_vitb"), args, "mae_vitb")
+        return C.plan_run(cfg, 1).peak_lr
+
+    assert peak() == pytest.approx(1.5e-4 * 4096 / 256)  # the recipe's lr at its real batch
+    assert peak("optim.blr=3e-4") == pytest.approx(2 * peak())
+    assert peak("optim.lr=1e-3") == 1e-3
+    with pytest.raises(C.ConfigError, match="float32 range"):
+        C.set_override(C.TrainConfig(), "optim.blr", 1e39)
+    with pytest.raises(C.ConfigError, match="peak lr .* outside the float32 range"):
+        peak("optim.blr=1e38")

@@ -360,3 +360,23 @@ def test_zero3_two_ranks_export_to_timm_and_resume(tmp_path: Path) -> None:
     assert logged == pytest.approx([0.9] + [momentum(k - 2) for k in range(2, 7)], abs=1e-6)
     assert all(math.isfinite(r["loss_data2vec"]) for r in rows)
     assert _ema_state(root / "step_00000006")["step"] == 6
+
+
+def test_data2vec_teacher_runs_on_its_fp32_shadow_under_bf16() -> None:
+    """teacher_precision='fp32' (the default, as the official targets): in an fp32 run the targets are those
+    of the teacher module exactly; under bf16 they are the fp32 teacher's whose weights are the EMA shadow."""
+    torch.manual_seed(0)
+    m = create_method("data2vec", **TINY, top_k=2)
+    x = torch.randn(2, 3, 32, 32)
+    fp32_path = m.targets(x)
+    m.teacher_precision = "train"
+    assert torch.equal(fp32_path, m.targets(x))
+    m.teacher_precision = "fp32"
+    shadow = m.ema.full_shadow()  # taken while fp32, then the module is cast as DeepSpeed casts it
+    m.to(torch.bfloat16)
+    ref = create_method("data2vec", **TINY, top_k=2)
+    ref.teacher.load_state_dict({**ref.teacher.state_dict(), **shadow}, strict=False)  # + k_bias
+    x16 = x.to(torch.bfloat16)
+    torch.testing.assert_close(m.targets(x16), ref.targets(x16.float()), rtol=0, atol=0)
+    m.teacher_precision = "train"
+    assert (m.targets(x16) - ref.targets(x16.float())).abs().max() > 1e-3  # what bf16 would cost

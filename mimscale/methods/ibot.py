@@ -20,10 +20,10 @@ of crops: ``num_global_crops`` global crops (224 px) then ``num_local_crops`` lo
 Differences from the official code that do not change the maths: the student's head runs only on the
 tokens a loss reads (CLS tokens and masked patch tokens), and the centres are updated once per optimizer
 step from the statistics of all its micro-batches (with no gradient accumulation this is the official
-update after each forward). Differences that do, and are the training loop's business: the official
-code clips each parameter's gradient norm to 3.0 separately (``utils.clip_gradients``) while DeepSpeed
-clips the global norm; and while the last head layer is frozen the official code drops its gradient
-(so AdamW's moments skip it) while ``lr_frozen_params`` only holds its learning rate at 0.
+update after each forward). The optimisation rules of the official loop (each parameter's gradient
+clipped to norm 3.0 on its own, the frozen last layer given no gradient so AdamW skips it) are the
+trainer's (``optim.clip_mode="per_param"``, ``optim.frozen_groups="skip"`` in the recipes; see
+``mimscale.train.grad_rules``); this method declares which parameters are frozen (``lr_frozen_params``).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ A method with an EMA teacher::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -123,6 +124,33 @@ class EMATeacherMixin:
             if isinstance(module, MaskedEncoder):
                 return f"teacher.{name}.backbone." if name else "teacher.backbone."
         raise AttributeError(f"{type(self).__name__}: the teacher holds no MaskedEncoder")
+
+    teacher_precision: str = "train"
+
+    def run_teacher(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Call ``module`` (the teacher or one of its submodules) in the teacher's precision.
+
+        ``teacher_precision="train"``: as built, in the training dtype (bf16 under bf16). ``"fp32"``: with the
+        fp32 EMA shadow as weights and fp32 inputs, outside autocast, as the official data2vec computes its
+        targets. Under ZeRO-3 each rank holds only partitions of the shadow, so the teacher then runs in the
+        training dtype (said once).
+        """
+        if self.teacher_precision != "fp32":
+            return module(*args, **kwargs)
+        shadow = self.ema.full_shadow()
+        if shadow is None:
+            if not getattr(self, "_warned_precision", False):
+                object.__setattr__(self, "_warned_precision", True)
+                warnings.warn("teacher_precision='fp32': the EMA shadow is ZeRO-3 partitioned, so the "
+                              "teacher runs in the training dtype", stacklevel=2)
+            return module(*args, **kwargs)
+        prefix = next(name for name, m in self.teacher.named_modules() if m is module)
+        prefix = f"{prefix}." if prefix else ""
+        params = {k[len(prefix):]: v for k, v in shadow.items() if k.startswith(prefix)}
+        args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        device = next(iter(params.values())).device.type if params else "cpu"
+        with torch.autocast(device_type=device, enabled=False):
+            return torch.func.functional_call(module, params, args, kwargs, strict=False)
 
     def current_momentum(self) -> float:
         """The momentum of the latest teacher update (restored on resume); the schedule's start before any."""

@@ -16,7 +16,10 @@ def data2vec_vitb() -> TrainConfig:
     wd 0.05 (constant), lr 2e-3 at batch 2048 (16 x 128; the official script does not rescale it), 10 warm-up
     epochs from 0, cosine to 1e-5, grad clip 3.0. Augmentation: ColorJitter(0.4, 0.4, 0.4), flip,
     RandomResizedCrop (scale 0.08-1, bicubic); mimscale jitters after the crop, the official code before.
-    The smoke encoder (8x8 grid) masks the default ``round(64 * 120 / 196)`` = 39."""
+    The smoke encoder (8x8 grid) masks the default ``round(64 * 120 / 196)`` = 39. Export and evaluation
+    default to the student (data2vec fine-tunes the student encoder; the EMA teacher only makes targets).
+    The targets come from the teacher in fp32 (its EMA shadow) whatever the training precision, as the
+    official code computes them outside autocast (``model.teacher_precision``; ZeRO-0/1/2)."""
     return TrainConfig(
         method="data2vec",
         model=dict(model_name="beit_base_patch16_224", init_values=1e-4, drop_path_rate=0.25,

@@ -11,8 +11,12 @@ def ibot_vitb() -> TrainConfig:
     local 96 px crops. Schedules as the official code: lr ``5e-4 * batch / 256`` after 10 linear warm-up
     epochs, cosine to 2e-6; weight decay cosine 0.04 -> 0.4 (biases and 1-D tensors excluded); teacher
     momentum cosine 0.996 -> 1 per step; teacher temperatures 0.04 -> 0.07 over 30 epochs; last head layer
-    frozen for the first epoch. Gradient clipping: the official 3.0 is per parameter; DeepSpeed clips the
-    global norm at 3.0. ``--smoke``: 32 px global and 12 px local crops, two local crops."""
+    frozen for the first epoch with no gradient at all (AdamW skips it, as ``cancel_gradients_last_layer``);
+    each parameter's gradient clipped to norm 3.0 on its own (``utils.clip_gradients``; the global-norm
+    alternative is ``--set optim.clip_mode=global``). Export and evaluation default to the teacher (the paper
+    reports and releases "backbone (t)"), from its fp32 EMA shadow; ``--which student`` for the student.
+    ``--smoke``: 32 px global and 12 px local crops, two
+    local crops."""
     return TrainConfig(
         method="ibot",
         model=dict(model_name="vit_base_patch16_224", drop_path_rate=0.1, out_dim=8192, norm_last_layer=True,
@@ -24,7 +28,7 @@ def ibot_vitb() -> TrainConfig:
                                               local_scale=(0.05, 0.25))),
         optim=OptimConfig(blr=5e-4, lr_scaling="linear", base_batch=256, warmup_epochs=10, epochs=400,
                           min_lr=2e-6, betas=(0.9, 0.999), weight_decay=0.04, weight_decay_end=0.4,
-                          grad_clip=3.0),
+                          grad_clip=3.0, clip_mode="per_param", frozen_groups="skip"),
         global_batch=1024,
         max_micro_batch=64,
         smoke={"model.num_local_crops": 2, "data.views": multicrop_views(32, 12, num_local=2)},

@@ -17,7 +17,9 @@ def lut_vitb() -> TrainConfig:
     Gaussian blur (sigma U(0.1, 2)). Everything else is MAE's ViT-B recipe (the paper builds on it). The
     official crop is DeiT III's "simple random crop" (Resize(224,
     bicubic) + RandomCrop(224, padding=4, reflect)), which the view schema cannot express yet; both views use
-    MAE's RandomResizedCrop(224, scale=(0.2, 1.0), bicubic) instead."""
+    MAE's RandomResizedCrop(224, scale=(0.2, 1.0), bicubic) instead. Export and evaluation default to the
+    student (LUT evaluates the student encoder, as MAE; the teacher only makes the broader-context
+    targets)."""
     return derive(mae_vitb(), {
         "method": "lut", "model.w_mae": 1.0, "model.w_bc": 0.25, "model.head_hidden_dim": 4096,
         "model.sync_bn": True, "model.ema_momentum": 0.996, "model.ema_momentum_final": 1.0,

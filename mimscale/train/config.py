@@ -75,6 +75,13 @@ class OptimConfig:
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (iBOT 0.04 -> 0.4)
     grad_clip: float | None = None
+    # "global": DeepSpeed clips the norm of all gradients together (MAE, BEiT, SimMIM, data2vec).
+    # "per_param": each parameter's gradient is clipped by its own norm (DINO/iBOT utils.clip_gradients).
+    clip_mode: Literal["global", "per_param"] = "global"
+    # Parameters a method freezes for its first steps (Method.lr_frozen_params): "skip" gives them no gradient
+    # (AdamW leaves their moments and step count alone, as the official iBOT sets their grads to None);
+    # "zero_lr" only holds their learning rate at 0 (AdamW's moments still see their gradients).
+    frozen_groups: Literal["skip", "zero_lr"] = "skip"
 
 
 @dataclass

@@ -105,7 +105,8 @@ def build_ds_config(
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
-        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
+        # per-parameter clipping happens inside the optimizer step (mimscale.train.grad_rules), not here
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0) if cfg.optim.clip_mode == "global" else 0.0,
         "optimizer": optimizer_section(cfg.optim, lr, offload=offloads_optimizer(ds)),
     }
     for key in _RECIPE_OWNED:

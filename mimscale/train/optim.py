@@ -18,6 +18,7 @@ import torch
 from mimscale.dist import all_reduce_max
 from mimscale.train.config import OptimConfig, RunPlan, TrainConfig
 from mimscale.train.deepspeed_config import build_ds_config
+from mimscale.train.grad_rules import GradientRules
 from mimscale.train.schedule import build_multiplier
 
 __all__ = [
@@ -127,6 +128,13 @@ class Engine:
     ds_config: dict[str, Any]
     dtype: torch.dtype  # the dtype the method's inputs must have (bf16, fp16 or fp32)
     weight_decay: WeightDecaySchedule
+    gradient_rules: GradientRules | None = None  # per-parameter clipping, frozen groups without gradients
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step`` (0-based): the schedules' values for it."""
+        self.weight_decay.apply(self.scheduler.optimizer, step)
+        if self.gradient_rules is not None:
+            self.gradient_rules.step = step
 
     @property
     def module(self) -> Any:
@@ -196,7 +204,10 @@ def build_engine(
     )
     if cfg.compile:
         engine.compile()
-    return Engine(engine, scheduler, ds_cfg, _engine_dtype(engine), wd)
+    clip = cfg.optim.grad_clip if cfg.optim.clip_mode == "per_param" else None
+    skip_frozen = cfg.optim.frozen_groups == "skip" and any(g.get("frozen_steps") for g in groups)
+    rules = GradientRules(engine, clip, skip_frozen) if clip or skip_frozen else None
+    return Engine(engine, scheduler, ds_cfg, _engine_dtype(engine), wd, rules)
 
 
 def _engine_dtype(engine: Any) -> torch.dtype:

@@ -171,7 +171,7 @@ class Trainer:
         then the method's after-step hook (EMA teachers, centres)."""
         engine, plan = self.engine.engine, self.plan
         self.module.set_epoch_progress(self.global_step, plan.steps_per_epoch)
-        self.engine.weight_decay.apply(self.engine.scheduler.optimizer, self.global_step)
+        self.engine.begin_step(self.global_step)
         for _ in range(plan.batch.accumulation):
             batch = next(self.batches)
             self.skipped += batch.skipped
