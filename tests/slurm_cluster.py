@@ -518,10 +518,6 @@ OverSubscribe=NO
         states = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
         return {n.name: states.get(n.name, "unknown").rstrip("*~#!%$@^-") for n in self.nodes}
 
-    def node_pid(self, node: str) -> int:
-        """The PID of a node's slurmd (its processes share its namespaces)."""
-        return self.procs[f"slurmd-{node}"].pid
-
     def jobs(self, job_id: str) -> dict[str, dict[str, str]]:
         """``scontrol show job`` records for a job or all tasks of an array, keyed by JobId."""
         proc = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
@@ -603,20 +599,21 @@ def starts(log: str) -> list[str]:
 def rank_processes(cluster: SlurmCluster, job_id: str) -> dict[int, dict]:
     """The rank processes of a running job: RANK -> {"pid", "node"}. A rank is a process whose environment
     has the job's id and a RANK, unlike its parent's (a DataLoader worker inherits its rank's); its node is
-    the one whose slurmd shares its network namespace."""
+    the one whose network namespace it runs in (compared by inode: /run/netns/<name> is a plain file, while
+    slurmd's /proc/<pid>/ns link may be unreadable where root lacks CAP_SYS_PTRACE)."""
     def environ(pid: int | str) -> list[bytes]:
         try:
             return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return []
 
-    def netns(pid: int | str) -> str | None:
+    def inode(path: str) -> int | None:
         try:
-            return os.readlink(f"/proc/{pid}/ns/net")
+            return os.stat(path).st_ino
         except OSError:
             return None
 
-    node_of = {netns(cluster.node_pid(n.name)): n.name for n in cluster.nodes}
+    node_of = {inode(f"/run/netns/{n.netns}"): n.name for n in cluster.nodes if n.netns}
     job = f"SLURM_JOB_ID={job_id}".encode()
     ranks = {}
     for entry in Path("/proc").iterdir():
@@ -632,7 +629,8 @@ def rank_processes(cluster: SlurmCluster, job_id: str) -> dict[int, dict]:
             continue
         if rank[0] in environ(ppid):
             continue
-        ranks[int(rank[0][5:])] = {"pid": int(entry.name), "node": node_of.get(netns(entry.name))}
+        node = node_of.get(inode(f"/proc/{entry.name}/ns/net")) if node_of else cluster.nodes[0].name
+        ranks[int(rank[0][5:])] = {"pid": int(entry.name), "node": node}
     return ranks
 
 

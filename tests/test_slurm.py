@@ -11,10 +11,10 @@ SIGTERM of a preemption does; ``scontrol requeue`` is the sequence of a time lim
 preemption without GraceTime (SIGTERM to every process, SIGKILL KillWait seconds later).
 
 On two nodes (``--nodes=2 --ntasks-per-node=1``, srun starting one rank per node, gloo between the
-namespaces' addresses), ``nodes_a`` gets SIGUSR1 to the batch shell and then SIGTERM to the batch
-script's process group, each a checkpoint, exit 75, requeue and resume; ``nodes_b`` gets SIGTERM to the
-batch shell, then rank 1's process on node2 is SIGKILLed: the job ends as FAILED within
-MIMSCALE_SRUN_WAIT (low here) instead of hanging, and a relaunch of the same command resumes.
+namespaces' addresses), the job ``nodes`` gets SIGUSR1 to the batch shell, then SIGTERM to the batch
+script's process group (each a checkpoint, exit 75, requeue and resume), then rank 1's process on node2
+is SIGKILLed: the job ends as FAILED within MIMSCALE_SRUN_WAIT (low here) instead of hanging, and the
+same command submitted again resumes from the last checkpoint.
 
     CI=true pytest -m slurm tests/test_slurm.py   # root; about 4-7 minutes on 2 shared cores
     MIMSCALE_KEEP_SLURM_DIR=1 pytest -m slurm ... keeps the clusters' logs and configs
@@ -77,11 +77,9 @@ def mjobs(slurm_multinode_cluster, tmp_path_factory):  # noqa: F811 (the fixture
         return ["--nodes=2", "--ntasks-per-node=1", *NO_GPU, str(SCRIPTS / "train.sbatch"), RECIPE,
                 *LONG_SMOKE, "--output_dir", str(work / name)]
 
-    sub.submit("nodes_a", *args("nodes_a"), run_dir=work / "nodes_a",
-               plan=[scancel("--batch", "--signal=USR1"), scancel("--full", "--signal=TERM")])
-    sub.submit("nodes_b", *args("nodes_b"), run_dir=work / "nodes_b",
-               plan=[scancel("--batch", "--signal=TERM"), kill_rank(1)])
-    sub.then["nodes_b"] = ("nodes_b_relaunch", args("nodes_b"))  # the same command, by hand, once it failed
+    sub.submit("nodes", *args("nodes"), run_dir=work / "nodes",
+               plan=[scancel("--batch", "--signal=USR1"), scancel("--full", "--signal=TERM"), kill_rank(1)])
+    sub.then["nodes"] = ("nodes_relaunch", args("nodes"))  # the same command, by hand, once it failed
     sub.start()
     yield sub
     sub.stop()
@@ -110,13 +108,11 @@ def jobs(slurm_cluster, tmp_path_factory, request):  # noqa: F811 (the fixture i
     # 2. a preempted job that may not requeue (its recipe given by name)
     train("limit", "--ntasks-per-node=1", plan=[scancel("--batch", "--signal=USR1")], recipe="mae_vitb",
           env={"MIMSCALE_MAX_REQUEUES": "0"})
-    # 3. SIGTERM to the batch script's process group, then to the job steps only (through the relay)
-    train("term_a", "--nodes=1", "--ntasks-per-node=2",
-          plan=[scancel("--full", "--signal=TERM"), scancel("--signal=TERM")])
-    # 4. SIGTERM to the batch shell, then Slurm's own ending of the job (scontrol requeue: SIGTERM to all)
-    train("term_b", "--nodes=1", "--ntasks-per-node=2",
-          plan=[scancel("--batch", "--signal=TERM"), scontrol_requeue()])
-    # 5. one rank fails at once, the other hangs (as in a collective with a dead peer): the job must end
+    # 3. SIGTERM to the batch script's process group, then to the job steps only (through the relay), then
+    #    Slurm's own ending of the job (scontrol requeue: SIGTERM to every process, SIGKILL after KillWait)
+    train("term", "--nodes=1", "--ntasks-per-node=2",
+          plan=[scancel("--full", "--signal=TERM"), scancel("--signal=TERM"), scontrol_requeue()])
+    # 4. one rank fails at once, the other hangs (as in a collective with a dead peer): the job must end
     #    MIMSCALE_SRUN_WAIT seconds later with the failed rank's status, not requeued
     crash = work / "crash.py"
     crash.write_text("import os, signal, sys, time\n"
@@ -124,14 +120,14 @@ def jobs(slurm_cluster, tmp_path_factory, request):  # noqa: F811 (the fixture i
                      "print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)\n"
                      "sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(600)\n")
     train("crash", "--nodes=1", "--ntasks-per-node=2", recipe=str(crash), env={"MIMSCALE_SRUN_WAIT": "5"})
-    # 6. an array sweep of two smoke recipes
+    # 5. an array sweep of two smoke recipes
     sweep = work / "smoke_sweep.txt"
     # comments and blank lines are skipped; quotes are shell quotes
     sweep.write_text("# two smoke runs\nmae_vitb --set optim.blr=1e-4\n\n"
                      "  mae_vitl --set 'model.mask_ratio=0.6'\n")
     sub.submit("sweep", "--array=0-1", "--ntasks-per-node=1", *NO_GPU, array_log,
                str(SCRIPTS / "sweep_array.sbatch"), str(sweep), *SMOKE, "--max_steps", "10")
-    # 7. a shard-writing array
+    # 6. a shard-writing array
     _images(work / "images")
     sub.submit("shards", "--array=0-1", "--cpus-per-task=1", "--time=10", array_log,
                str(SCRIPTS / "make_shards_array.sbatch"), "--input", str(work / "images"),
@@ -220,33 +216,26 @@ def test_preemption_checkpoints_requeues_and_resumes(jobs):
 
 
 def test_sigterm_to_the_batch_process_group(jobs):
-    """scancel --full --signal=TERM: the ranks and the batch shell get it (srun got it too, and SIGKILLed
-    them)."""
-    jobs.wait("term_a")
-    check_preempted(jobs, "term_a", 1, "got SIGTERM: sending SIGUSR1 to the 2 ranks")
+    """scancel --full --signal=TERM: the ranks get SIGTERM directly (they are the batch step's processes)
+    and the batch shell passes it on as SIGUSR1; under srun, srun would have SIGKILLed them."""
+    jobs.wait("term")
+    check_preempted(jobs, "term", 1, "got SIGTERM: sending SIGUSR1 to the 2 ranks")
 
 
 def test_sigterm_to_the_job_steps_reaches_the_ranks_through_the_relay(jobs):
     """scancel --signal=TERM (job steps only, like a preemption's GraceTime SIGTERM): the relay step passes
     it on."""
-    jobs.wait("term_a")
-    check_preempted(jobs, "term_a", 2, "signal relay: SIGTERM sent to the job steps, passing it to the batch")
-    check_nothing_lost(jobs, "term_a", restarts=2)
-
-
-def test_sigterm_to_the_batch_shell(jobs):
-    """scancel --batch --signal=TERM: passed on as SIGUSR1 (srun would SIGKILL its tasks on SIGTERM)."""
-    jobs.wait("term_b")
-    check_preempted(jobs, "term_b", 1, "got SIGTERM: sending SIGUSR1 to the 2 ranks")
+    jobs.wait("term")
+    check_preempted(jobs, "term", 2, "signal relay: SIGTERM sent to the job steps, passing it to the batch")
 
 
 def test_slurm_ending_the_job_leaves_killwait_to_checkpoint(jobs):
     """scontrol requeue (like a time limit without warning or a preemption without GraceTime): SIGTERM to
     every process, SIGKILL after KillWait. The ranks checkpoint within KillWait; Slurm's requeue resumes."""
-    jobs.wait("term_b")
-    check_preempted(jobs, "term_b", 2, "got SIGTERM: sending SIGUSR1 to the 2 ranks",
+    jobs.wait("term")
+    check_preempted(jobs, "term", 3, "got SIGTERM: sending SIGUSR1 to the 2 ranks",
                     requeued="Slurm itself is requeueing the job")
-    check_nothing_lost(jobs, "term_b", restarts=2)
+    check_nothing_lost(jobs, "term", restarts=3)
 
 
 def test_failed_rank_ends_the_job_after_srun_wait(jobs):
@@ -275,59 +264,57 @@ def test_requeue_limit_stops_and_says_why(jobs):
 
 # ------------------------------------------------------------------------------------------ two nodes
 def test_one_rank_per_node_over_the_namespaces_addresses(mjobs):
-    (rec,) = mjobs.wait("nodes_a").values()
-    why = mjobs.explain("nodes_a")
-    first = starts(mjobs.log("nodes_a"))[0]
+    (rec,) = mjobs.wait("nodes").values()
+    why = mjobs.explain("nodes")
+    first = starts(mjobs.log("nodes"))[0]
     master = mjobs.cluster.nodes[0].addr  # node1's NodeAddr, not its name
     assert "nodes=2 tasks=2 (node[1-2])" in first, why
     assert f"master={master}:{15000 + int(rec['JobId']) % 15000} launcher=srun" in first, why
     assert "world 2, micro batch 8 x accumulation 1 x 2 ranks = 16" in first, why
     # each rank ran in its own node's network namespace (the ranks and nodes seen at the first signal)
-    assert mjobs.acted["nodes_a"][0]["ranks"] == {0: "node1", 1: "node2"}, why
-    final = mjobs.run_dirs["nodes_a"] / "checkpoints" / f"step_{STEPS:08d}"
-    assert len(list(final.rglob("*optim_states*"))) == 2, sorted(p.name for p in final.rglob("*"))
+    assert mjobs.acted["nodes"][0]["ranks"] == {0: "node1", 1: "node2"}, why
 
 
 def test_usr1_preemption_across_nodes(mjobs):
-    mjobs.wait("nodes_a")
-    check_preempted(mjobs, "nodes_a", 1, "got SIGUSR1: sending SIGUSR1 to srun")
+    """--signal=B:USR1@T: the batch shell passes SIGUSR1 to srun, which delivers it on both nodes."""
+    mjobs.wait("nodes")
+    check_preempted(mjobs, "nodes", 1, "got SIGUSR1: sending SIGUSR1 to srun")
 
 
 def test_sigterm_to_the_batch_process_group_across_nodes(mjobs):
-    """scancel --full: srun runs in its own process group, so only the batch shell gets the SIGTERM."""
-    mjobs.wait("nodes_a")
-    check_preempted(mjobs, "nodes_a", 2, "got SIGTERM: sending SIGUSR1 to srun")
-    assert "forcing job termination" not in mjobs.log("nodes_a"), mjobs.explain("nodes_a")
-    check_nothing_lost(mjobs, "nodes_a", restarts=2)
-
-
-def test_sigterm_to_the_batch_shell_across_nodes(mjobs):
-    mjobs.wait("nodes_b")
-    check_preempted(mjobs, "nodes_b", 1, "got SIGTERM: sending SIGUSR1 to srun")
+    """scancel --full --signal=TERM: srun runs in its own process group, so it never sees the SIGTERM (it
+    would SIGKILL the tasks); the batch shell passes it on as SIGUSR1."""
+    mjobs.wait("nodes")
+    check_preempted(mjobs, "nodes", 2, "got SIGTERM: sending SIGUSR1 to srun")
+    assert "forcing job termination" not in mjobs.log("nodes"), mjobs.explain("nodes")
 
 
 def test_killed_rank_ends_the_job_and_the_relaunch_resumes(mjobs):
-    (rec,) = mjobs.wait("nodes_b").values()
-    why = mjobs.explain("nodes_b")
-    ckpt = check_preempted(mjobs, "nodes_b", 1, "got SIGTERM: sending SIGUSR1 to srun")
-    kill = mjobs.acted["nodes_b"][1]
+    """Rank 1's process on node2 SIGKILLed: the job ends as FAILED, not requeued, within MIMSCALE_SRUN_WAIT
+    instead of hanging; the same command submitted again resumes from the last checkpoint and finishes."""
+    (rec,) = mjobs.wait("nodes").values()
+    why = mjobs.explain("nodes")
+    ckpt = check_preempted(mjobs, "nodes", 2, "got SIGTERM: sending SIGUSR1 to srun")
+    kill = mjobs.acted["nodes"][2]
     assert kill.get("killed", {}).get("node") == "node2", why
-    # the job ended, as a failure and without a requeue, within MIMSCALE_SRUN_WAIT of the kill (plus
-    # Slurm's own latency on a loaded machine)
-    assert rec["JobState"] == "FAILED" and rec["Restarts"] == "1", why
-    assert mjobs.finished_at["nodes_b"] - kill["t"] < SRUN_WAIT + 45, why
-    assert "training FAILED with status" in starts(mjobs.log("nodes_b"))[1], why
+    # within MIMSCALE_SRUN_WAIT of the kill (plus Slurm's own latency on a loaded machine)
+    assert rec["JobState"] == "FAILED" and rec["Restarts"] == "2", why
+    assert mjobs.finished_at["nodes"] - kill["t"] < SRUN_WAIT + 45, why
+    assert "training FAILED with status" in starts(mjobs.log("nodes"))[2], why
 
-    (again,) = mjobs.wait("nodes_b_relaunch").values()
-    log = mjobs.log("nodes_b_relaunch")
-    why = mjobs.explain("nodes_b_relaunch")
+    (again,) = mjobs.wait("nodes_relaunch").values()
+    log = mjobs.log("nodes_relaunch")
+    why = mjobs.explain("nodes_relaunch")
     assert again["JobState"] == "COMPLETED" and again["ExitCode"] == "0:0", why
     assert f"start 1: resuming from step_{ckpt:08d}" in log and f"resuming at step {ckpt}" in log, why
     assert "took over a stale lock" in log, why  # the killed run's lock (its rank 0 is gone)
-    # metrics.jsonl: the steps up to the kill, then the relaunch's from the checkpoint on, to the end
-    steps = metrics_steps(Path(mjobs.run_dirs["nodes_b"]))
+    # metrics.jsonl: every step once up to the kill (the preemptions lost nothing), then the relaunch's from
+    # the checkpoint on, to the end
+    steps = metrics_steps(Path(mjobs.run_dirs["nodes"]))
     cut = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
     assert cut is not None, f"no steps replayed after the kill: {steps}"
     assert steps[:cut] == list(range(LOG_EVERY, steps[cut - 1] + 1, LOG_EVERY)), steps
     assert steps[cut:] == list(range(ckpt + LOG_EVERY, STEPS + 1, LOG_EVERY)), steps
     assert kill["step"] <= steps[cut - 1], steps
+    final = mjobs.run_dirs["nodes"] / "checkpoints" / f"step_{STEPS:08d}"
+    assert len(list(final.rglob("*optim_states*"))) == 2, sorted(p.name for p in final.rglob("*"))
