@@ -564,10 +564,10 @@ CHECKPOINTED = re.compile(r"signal (.+?): checkpointing step (\d+)")  # the trai
 # The test node has no GPUs: override the scripts' GPU defaults, one CPU per task.
 NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
 SMOKE = ["--smoke", "--ds_config", "zero2.json"]
-# Long enough (300 tiny steps, >= 10 s) that a signal sent at the first logged step lands mid-run.
-STEPS = 300
+# Long enough (200 tiny steps, >= 10 s) that a signal sent at the first logged step lands mid-run.
+STEPS = 200
 LONG_SMOKE = [*SMOKE, "--set", "optim.epochs=100", "--set", "ckpt_interval=1000", "--max_steps", str(STEPS)]
-LOG_EVERY = 5  # the smoke runs' log_interval: metrics.jsonl has steps 5, 10, ..., 300
+LOG_EVERY = 5  # the smoke runs' log_interval: metrics.jsonl has steps 5, 10, ..., 200
 
 
 def scripts_env() -> dict[str, str]:
