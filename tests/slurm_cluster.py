@@ -629,8 +629,13 @@ def rank_processes(cluster: SlurmCluster, job_id: str) -> dict[int, dict]:
             continue
         if rank[0] in environ(ppid):
             continue
-        node = node_of.get(inode(f"/proc/{entry.name}/ns/net")) if node_of else cluster.nodes[0].name
-        ranks[int(rank[0][5:])] = {"pid": int(entry.name), "node": node}
+        found = {"pid": int(entry.name), "node": cluster.nodes[0].name}
+        if node_of:
+            try:
+                found["node"] = node_of.get(os.stat(f"/proc/{entry.name}/ns/net").st_ino)
+            except OSError as exc:  # recorded: the test says why it could not tell the node
+                found.update(node=None, why=str(exc))
+        ranks[int(rank[0][5:])] = found
     return ranks
 
 
@@ -766,6 +771,8 @@ class Jobs:
         record = {"start": k + 1, "what": action.what, "step": max(metrics_steps(self.run_dirs[name])),
                   "t": time.monotonic(),
                   "ranks": {r: v["node"] for r, v in rank_processes(self.cluster, self.ids[name]).items()}}
+        if None in record["ranks"].values():  # say why
+            record["lookup"] = rank_processes(self.cluster, self.ids[name])
         record.update(action.do(self, name))
         self.acted[name].append(record)
 
